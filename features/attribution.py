@@ -1,0 +1,72 @@
+"""Which sends were opened: the open label of the contract, as SQL over an EventLog.
+
+Features (per-slot open histories) and training labels both use this one definition,
+each with its own ``known_at``: a feature as of T may only see opens up to T.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+__all__ = ["attributed_sends_sql", "slot_expr"]
+
+
+def _ts(value: datetime) -> str:
+    return f"TIMESTAMP '{value.isoformat(sep=' ')}'"
+
+
+def slot_expr(kind: str) -> str:
+    """SQL for a row's slot in ``events_local``: local hour, or local hour of the week."""
+    if kind == "hour_of_day":
+        return "local_hour"
+    if kind == "hour_of_week":
+        return "local_dow * 24 + local_hour"
+    raise ValueError(f"unknown slot kind {kind!r}")
+
+
+def attributed_sends_sql(
+    since: datetime,
+    until: datetime,
+    known_at: datetime,
+    window_hours: float,
+    slot_kind: str,
+) -> str:
+    """A query giving every send in (since, until] with its slot and ``opened`` flag.
+
+    A send is opened when an open with its ``message_id`` follows within the window;
+    opens without a message id go to the latest send at or before them (DuckDB's ASOF
+    join), which is "the first open after the send, before the next send". Only opens at
+    or before ``known_at`` count, so the flag is what one could know at that time.
+    """
+    window = f"INTERVAL '{int(round(window_hours * 3600))} seconds'"
+    return f"""
+    WITH s AS (
+        SELECT user_id, ts, message_id, {slot_expr(slot_kind)} AS slot, local_hour, local_dow
+        FROM events_local
+        WHERE event = 'send' AND ts > {_ts(since)} AND ts <= {_ts(until)}
+    ),
+    o AS (
+        SELECT user_id, ts, message_id FROM events
+        WHERE event = 'open' AND ts > {_ts(since)} AND ts <= {_ts(known_at)}
+    ),
+    s_all AS (
+        SELECT user_id, ts FROM events
+        WHERE event = 'send' AND ts > {_ts(since)} - {window} AND ts <= {_ts(known_at)}
+    ),
+    by_id AS (
+        SELECT DISTINCT s.user_id, s.ts FROM s JOIN o
+          ON o.user_id = s.user_id AND o.message_id = s.message_id
+         AND o.ts >= s.ts AND o.ts <= s.ts + {window}
+    ),
+    by_time AS (
+        SELECT DISTINCT o.user_id, s_all.ts
+        FROM (SELECT * FROM o WHERE message_id IS NULL) o
+        ASOF JOIN s_all ON o.user_id = s_all.user_id AND o.ts >= s_all.ts
+        WHERE o.ts <= s_all.ts + {window}
+    )
+    SELECT s.user_id, s.ts, s.slot, s.local_hour, s.local_dow,
+           (b.user_id IS NOT NULL OR t.user_id IS NOT NULL) AS opened
+    FROM s
+    LEFT JOIN by_id b ON b.user_id = s.user_id AND b.ts = s.ts
+    LEFT JOIN by_time t ON t.user_id = s.user_id AND t.ts = s.ts
+    """

@@ -1,0 +1,413 @@
+"""The behaviour log: load events and users, validate them against the contract, expose
+them to SQL in UTC and in each user's local time.
+
+DuckDB runs every query over the Parquet/CSV files in place (no copy of the log in
+Python memory), in parallel and out of core, which is what makes 100M-row logs fit
+on one machine. The same code runs on a pandas partition of users (``from_frames``),
+which is how the Dask path reuses it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import duckdb
+import pandas as pd
+
+__all__ = [
+    "EVENT_KINDS",
+    "ENGAGEMENT_EVENTS",
+    "EventLog",
+    "EventLogError",
+    "open_log",
+    "from_frames",
+    "to_utc",
+]
+
+log = logging.getLogger(__name__)
+
+EVENT_KINDS: tuple[str, ...] = ("send", "open", "click", "purchase", "session", "unsubscribe")
+ENGAGEMENT_EVENTS: tuple[str, ...] = ("open", "click", "purchase", "session")
+_OPTIONAL_EVENT_COLUMNS = ("message_id", "channel", "value")
+_RESERVED_USER_COLUMNS = ("user_id", "signup_ts", "timezone")
+_SHOW_BAD_ROWS = 5
+
+
+class EventLogError(ValueError):
+    """Input that breaks the contract; the message names the column, the count and rows."""
+
+
+def to_utc(value: str | datetime | pd.Timestamp) -> datetime:
+    """A naive UTC datetime from an ISO string or datetime (naive means UTC)."""
+    ts = pd.Timestamp(value)
+    if ts.tzinfo is not None:
+        ts = ts.tz_convert("UTC").tz_localize(None)
+    return ts.to_pydatetime()
+
+
+@dataclass
+class EventLog:
+    """A validated log, as DuckDB views.
+
+    Views: ``events`` (user_id, ts [naive UTC], event, message_id, channel, value),
+    ``users`` (user_id, timezone, signup_ts, attributes...), and ``events_local``
+    (events plus ``local_ts``, ``local_hour``, ``local_dow`` with Monday = 0).
+    """
+
+    con: duckdb.DuckDBPyConnection
+    default_timezone: str
+    attribute_columns: tuple[str, ...] = ()
+    numeric_attributes: tuple[str, ...] = ()
+    quarantined_rows: int = 0
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def query_df(self, sql: str, params: list | dict | None = None) -> pd.DataFrame:
+        return self.con.execute(sql, params or []).df()
+
+    def max_ts(self) -> datetime | None:
+        value = self.con.execute("SELECT max(ts) FROM events").fetchone()[0]
+        return value
+
+    def min_ts(self) -> datetime | None:
+        return self.con.execute("SELECT min(ts) FROM events").fetchone()[0]
+
+    def event_counts(self) -> dict[str, int]:
+        rows = self.con.execute("SELECT event, count(*) FROM events GROUP BY 1").fetchall()
+        return {event: int(n) for event, n in rows}
+
+    def close(self) -> None:
+        self.con.close()
+
+
+def _source_sql(path: Path, what: str) -> str:
+    """A DuckDB table function reading a Parquet/CSV file or a folder of them."""
+    if not path.exists():
+        raise EventLogError(f"{what}: no such file or folder: {path}")
+    if path.is_dir():
+        parquet = sorted(path.rglob("*.parquet"))
+        csv = sorted(path.rglob("*.csv"))
+        if parquet and csv:
+            raise EventLogError(f"{what}: folder {path} mixes Parquet and CSV files; use one kind")
+        if not parquet and not csv:
+            raise EventLogError(f"{what}: folder {path} holds no .parquet or .csv files")
+        files = parquet or csv
+        kind = "parquet" if parquet else "csv"
+    else:
+        files = [path]
+        suffix = path.suffix.lower()
+        if suffix not in (".parquet", ".csv"):
+            raise EventLogError(f"{what}: {path} is neither .parquet nor .csv")
+        kind = suffix[1:]
+    listing = "[" + ", ".join(_quote(str(f)) for f in files) + "]"
+    if kind == "parquet":
+        return f"read_parquet({listing}, filename = true, union_by_name = true)"
+    return f"read_csv({listing}, filename = true, union_by_name = true, all_varchar = true)"
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _connect(threads: int | None = None) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    # every naive timestamp in sendtime is UTC; DuckDB must agree when it casts
+    con.execute("SET TimeZone = 'UTC'")
+    if threads:
+        con.execute(f"SET threads = {int(threads)}")
+    return con
+
+
+def _columns(con: duckdb.DuckDBPyConnection, relation: str) -> dict[str, str]:
+    rows = con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()
+    return {name: str(dtype) for name, dtype, *_ in rows}
+
+
+def _ts_expr(column: str, dtype: str, what: str) -> str:
+    dtype = dtype.upper()
+    if dtype == "TIMESTAMP WITH TIME ZONE":
+        return f"CAST({column} AS TIMESTAMP)"
+    if dtype.startswith("TIMESTAMP") or dtype == "DATE":
+        return f"CAST({column} AS TIMESTAMP)"
+    if dtype == "VARCHAR":
+        return f"CAST(TRY_CAST({column} AS TIMESTAMPTZ) AS TIMESTAMP)"
+    raise EventLogError(
+        f"{what}: column '{column}' has type {dtype}; expected a timestamp or an ISO 8601 string"
+    )
+
+
+def _raw_events(con: duckdb.DuckDBPyConnection) -> str:
+    """Register ``raw_events`` with normalised columns and a ``_row`` locator."""
+    cols = _columns(con, "events_source")
+    missing = [c for c in ("user_id", "ts", "event") if c not in cols]
+    if missing:
+        raise EventLogError(
+            f"events: missing required column(s) {', '.join(map(repr, missing))}; "
+            f"found {', '.join(map(repr, cols)) or 'none'}"
+        )
+    has_file = "filename" in cols
+    locator = (
+        "filename || ':' || CAST(row_number() OVER (PARTITION BY filename) AS VARCHAR)"
+        if has_file
+        else "CAST(row_number() OVER () AS VARCHAR)"
+    )
+    optional = []
+    for name in _OPTIONAL_EVENT_COLUMNS:
+        if name in cols:
+            cast = "DOUBLE" if name == "value" else "VARCHAR"
+            optional.append(f"TRY_CAST({name} AS {cast}) AS {name}")
+            if name == "value":
+                optional.append(f"{name} IS NOT NULL AND TRY_CAST({name} AS DOUBLE) IS NULL AS _bad_value")
+        else:
+            optional.append(f"CAST(NULL AS {'DOUBLE' if name == 'value' else 'VARCHAR'}) AS {name}")
+    if "value" not in cols:
+        optional.append("false AS _bad_value")
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP VIEW raw_events_base AS
+        SELECT CAST(user_id AS VARCHAR) AS user_id,
+               CAST(ts AS VARCHAR) AS _ts_text,
+               {_ts_expr('ts', cols['ts'], 'events')} AS ts,
+               lower(trim(CAST(event AS VARCHAR))) AS event,
+               CAST(event AS VARCHAR) AS _event_text,
+               {', '.join(optional)}
+        {', filename' if has_file else ''}
+        FROM events_source
+        """
+    )
+    con.execute("CREATE OR REPLACE TEMP VIEW raw_events AS SELECT * EXCLUDE (filename) FROM raw_events_base"
+                if has_file else "CREATE OR REPLACE TEMP VIEW raw_events AS SELECT * FROM raw_events_base")
+    # row numbers cost a window over the whole log: only the error path reads them
+    con.execute(
+        f"CREATE OR REPLACE TEMP VIEW raw_events_located AS "
+        f"SELECT *, {locator} AS _row FROM raw_events_base"
+    )
+    return "raw_events"
+
+
+_EVENT_CHECKS = {
+    "user_id": ("user_id IS NULL OR trim(user_id) = ''", "have a missing or empty user id", "user_id"),
+    "ts": ("ts IS NULL", "have a missing or unparseable timestamp", "_ts_text"),
+    "event": (
+        "event IS NULL OR event NOT IN ({kinds})",
+        "have an unknown event name (allowed: {allowed})",
+        "_event_text",
+    ),
+    "value": ("_bad_value", "have a value that is not a number", "value"),
+}
+
+
+def _check_events(con: duckdb.DuckDBPyConnection, quarantine: Path | None) -> int:
+    kinds = ", ".join(_quote(k) for k in EVENT_KINDS)
+    conditions = {
+        col: cond.format(kinds=kinds) for col, (cond, _, _) in _EVENT_CHECKS.items()
+    }
+    any_bad = " OR ".join(f"({c})" for c in conditions.values())
+    counts = con.execute(
+        "SELECT " + ", ".join(f"count(*) FILTER (WHERE {c})" for c in conditions.values())
+        + " FROM raw_events"
+    ).fetchone()
+    problems = []
+    for (col, (_, text, shown)), n in zip(_EVENT_CHECKS.items(), counts):
+        if not n:
+            continue
+        sample = con.execute(
+            f"SELECT _row, {shown} FROM raw_events_located WHERE {conditions[col]} LIMIT {_SHOW_BAD_ROWS}"
+        ).fetchall()
+        rows = "; ".join(f"row {row}: {value!r}" for row, value in sample)
+        problems.append(
+            f"column '{col}': {n} row(s) {text.format(allowed=', '.join(EVENT_KINDS))}. "
+            f"First bad rows: {rows}"
+        )
+    if not problems:
+        con.execute("CREATE OR REPLACE TEMP VIEW clean_events AS SELECT * FROM raw_events")
+        return 0
+    n_bad = con.execute(f"SELECT count(*) FROM raw_events WHERE {any_bad}").fetchone()[0]
+    if quarantine is None:
+        raise EventLogError(
+            "events: invalid rows.\n  " + "\n  ".join(problems)
+            + "\nFix the input, or pass --quarantine FILE to move the bad rows aside."
+        )
+    quarantine.parent.mkdir(parents=True, exist_ok=True)
+    reason = " || ".join(
+        f"CASE WHEN {cond} THEN '{col};' ELSE '' END" for col, cond in conditions.items()
+    )
+    con.execute(
+        f"COPY (SELECT user_id, _ts_text AS ts, _event_text AS event, message_id, channel, value,"
+        f" _row AS source_row, {reason} AS bad_columns FROM raw_events_located WHERE {any_bad})"
+        f" TO {_quote(str(quarantine))} (FORMAT parquet)"
+    )
+    log.warning("events: %d invalid row(s) moved to %s:\n  %s", n_bad, quarantine, "\n  ".join(problems))
+    con.execute(f"CREATE OR REPLACE TEMP VIEW clean_events AS SELECT * FROM raw_events WHERE NOT ({any_bad})")
+    return int(n_bad)
+
+
+def _load_users(con: duckdb.DuckDBPyConnection, default_tz: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Register the ``users`` view; returns (categorical, numeric) attribute columns."""
+    if con.execute(
+        "SELECT count(*) FROM duckdb_views() WHERE view_name = 'users_source'"
+    ).fetchone()[0] == 0:
+        con.execute(
+            "CREATE OR REPLACE TEMP VIEW users_source AS SELECT CAST(NULL AS VARCHAR) AS user_id WHERE false"
+        )
+    cols = _columns(con, "users_source")
+    if "user_id" not in cols:
+        raise EventLogError(f"users: missing required column 'user_id'; found {', '.join(map(repr, cols))}")
+    n_missing = con.execute(
+        "SELECT count(*) FROM users_source WHERE user_id IS NULL OR trim(CAST(user_id AS VARCHAR)) = ''"
+    ).fetchone()[0]
+    if n_missing:
+        raise EventLogError(f"users: column 'user_id': {n_missing} row(s) have a missing or empty user id")
+    dupes = con.execute(
+        "SELECT CAST(user_id AS VARCHAR), count(*) FROM users_source GROUP BY 1 HAVING count(*) > 1 LIMIT 5"
+    ).fetchall()
+    if dupes:
+        n = con.execute(
+            "SELECT count(*) FROM (SELECT user_id FROM users_source GROUP BY 1 HAVING count(*) > 1)"
+        ).fetchone()[0]
+        raise EventLogError(
+            f"users: column 'user_id': {n} id(s) appear more than once. First: "
+            + ", ".join(f"{u!r} x{c}" for u, c in dupes)
+        )
+    zones = {}
+    if "timezone" in cols:
+        for (zone,) in con.execute("SELECT DISTINCT CAST(timezone AS VARCHAR) FROM users_source").fetchall():
+            zones[zone] = _valid_zone(zone)
+        bad = [z for z, ok in zones.items() if z is not None and not ok]
+        if bad:
+            n_bad = con.execute(
+                "SELECT count(*) FROM users_source WHERE CAST(timezone AS VARCHAR) IN (SELECT unnest(?))",
+                [bad],
+            ).fetchone()[0]
+            log.warning(
+                "users: column 'timezone': %d row(s) have an unknown time zone (first: %s); "
+                "using the default %s for them", n_bad, ", ".join(map(repr, bad[:5])), default_tz,
+            )
+        valid = [z for z, ok in zones.items() if ok]
+        tz_expr = (
+            f"CASE WHEN CAST(timezone AS VARCHAR) IN (SELECT unnest(?)) THEN CAST(timezone AS VARCHAR)"
+            f" ELSE {_quote(default_tz)} END"
+        )
+        params = [valid]
+    else:
+        tz_expr, params = _quote(default_tz), []
+    signup = (
+        _ts_expr("signup_ts", cols["signup_ts"], "users") if "signup_ts" in cols else "CAST(NULL AS TIMESTAMP)"
+    )
+    attrs = [c for c in cols if c not in _RESERVED_USER_COLUMNS and c != "filename"]
+    numeric = tuple(a for a in attrs if _is_numeric(cols[a]))
+    categorical = tuple(a for a in attrs if a not in numeric)
+    attr_sql = "".join(
+        f", CAST({_ident(a)} AS {'DOUBLE' if a in numeric else 'VARCHAR'}) AS {_ident(a)}" for a in attrs
+    )
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE users AS
+        SELECT CAST(user_id AS VARCHAR) AS user_id, {tz_expr} AS timezone, {signup} AS signup_ts{attr_sql}
+        FROM users_source""",
+        params,
+    )
+    return categorical, numeric
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _is_numeric(dtype: str) -> bool:
+    return dtype.upper() in {
+        "TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT",
+        "UINTEGER", "UBIGINT", "FLOAT", "DOUBLE", "REAL",
+    } or dtype.upper().startswith("DECIMAL")
+
+
+def _valid_zone(zone: str | None) -> bool:
+    if not zone:
+        return False
+    try:
+        ZoneInfo(zone)
+        return True
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+
+
+def _finish(con: duckdb.DuckDBPyConnection, default_tz: str) -> None:
+    con.execute(
+        """CREATE OR REPLACE TEMP VIEW events AS
+        SELECT user_id, ts, event, message_id, channel, value FROM clean_events"""
+    )
+    con.execute(
+        f"""CREATE OR REPLACE TEMP VIEW events_local AS
+        WITH e AS (
+            SELECT e.*, coalesce(u.timezone, {_quote(default_tz)}) AS timezone
+            FROM events e LEFT JOIN users u USING (user_id)
+        )
+        SELECT *, timezone(timezone, CAST(ts AS TIMESTAMPTZ)) AS local_ts,
+               hour(timezone(timezone, CAST(ts AS TIMESTAMPTZ))) AS local_hour,
+               isodow(timezone(timezone, CAST(ts AS TIMESTAMPTZ))) - 1 AS local_dow
+        FROM e"""
+    )
+
+
+def open_log(
+    events: str | Path,
+    users: str | Path | None = None,
+    *,
+    default_timezone: str = "UTC",
+    quarantine: str | Path | None = None,
+    threads: int | None = None,
+) -> EventLog:
+    """Open and validate the events (and users) files or folders.
+
+    Invalid rows raise :class:`EventLogError`, or go to ``quarantine`` (a Parquet file)
+    when one is given; they are never dropped silently.
+    """
+    con = _connect(threads)
+    con.execute(f"CREATE OR REPLACE TEMP VIEW events_source AS SELECT * FROM {_source_sql(Path(events), 'events')}")
+    if users is not None:
+        con.execute(
+            f"CREATE OR REPLACE TEMP VIEW users_source AS SELECT * FROM {_source_sql(Path(users), 'users')}"
+        )
+    return _assemble(con, default_timezone, Path(quarantine) if quarantine else None,
+                     {"events": str(events), "users": str(users) if users else ""})
+
+
+def from_frames(
+    events: pd.DataFrame,
+    users: pd.DataFrame | None = None,
+    *,
+    default_timezone: str = "UTC",
+    quarantine: str | Path | None = None,
+    threads: int | None = None,
+) -> EventLog:
+    """The same as :func:`open_log` for in-memory frames (tests, Dask partitions)."""
+    con = _connect(threads)
+    con.register("events_frame", events)
+    con.execute("CREATE OR REPLACE TEMP VIEW events_source AS SELECT * FROM events_frame")
+    if users is not None:
+        con.register("users_frame", users)
+        con.execute("CREATE OR REPLACE TEMP VIEW users_source AS SELECT * FROM users_frame")
+    return _assemble(con, default_timezone, Path(quarantine) if quarantine else None, {})
+
+
+def _assemble(
+    con: duckdb.DuckDBPyConnection, default_tz: str, quarantine: Path | None, sources: dict[str, str]
+) -> EventLog:
+    _raw_events(con)
+    n_bad = _check_events(con, quarantine)
+    categorical, numeric = _load_users(con, default_tz)
+    _finish(con, default_tz)
+    return EventLog(
+        con=con,
+        default_timezone=default_tz,
+        attribute_columns=categorical,
+        numeric_attributes=numeric,
+        quarantined_rows=n_bad,
+        sources=sources,
+    )
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)

@@ -1,0 +1,415 @@
+"""Point-in-time user-behaviour matrices: everything known about each user at ``as_of``.
+
+One function per feature family, each ``(log, as_of, cfg) -> frame indexed by user_id``;
+training and scoring both call :func:`build_matrix`, so a feature cannot see past
+``as_of`` in one and not the other. Aggregation runs in DuckDB; the per-slot
+pooling (empirical Bayes, circular smoothing, low-rank profiles) in numpy.
+
+The per-slot part is split into raw counts (:class:`SlotCounts`, additive over users),
+population priors (:class:`PopulationPriors`, sums over users) and derived features, so
+that user-partitioned chunks (the Dask path) only need the priors exchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import numpy as np
+import pandas as pd
+
+from features.attribution import attributed_sends_sql, slot_expr
+from features.events import ENGAGEMENT_EVENTS, EventLog
+from sendtime.config import Config
+
+__all__ = [
+    "SLOT_FAMILIES",
+    "UserMatrix",
+    "SlotCounts",
+    "PopulationPriors",
+    "build_matrix",
+    "slot_counts",
+    "population_priors",
+    "scalar_features",
+]
+
+log = logging.getLogger(__name__)
+
+# per-slot feature families, each an (n_users, n_slots) array
+SLOT_FAMILIES: tuple[str, ...] = (
+    "sends",            # matured sends in the slot (history window)
+    "opened",           # of which opened
+    "eb_rate",          # open rate shrunk toward the user's rate x the population's slot shape
+    "circ_rate",        # the same after circular smoothing over neighbouring hours
+    "lift",             # circ_rate over the user's overall rate
+    "session_share",    # share of sessions in the slot, x n_slots (1 = uniform)
+    "open_at_share",    # share of opens happening in the slot, x n_slots
+    "profile",          # low-rank reconstruction of the engagement profile (pooled across users)
+    "profile_rate",     # user rate x population slot shape x exp(profile deviation)
+    "rate_rank",        # rank of circ_rate within the user (0 = best slot)
+)
+
+
+def _ts(value: datetime) -> str:
+    return f"TIMESTAMP '{value.isoformat(sep=' ')}'"
+
+
+@dataclass
+class SlotCounts:
+    """Raw per-user, per-slot counts: additive, so chunks can be summed."""
+
+    user_ids: np.ndarray
+    sends: np.ndarray
+    opened: np.ndarray
+    sessions: np.ndarray
+    opens_at: np.ndarray
+
+
+@dataclass(frozen=True)
+class PopulationPriors:
+    """What the whole population says about slots; computed once over all users."""
+
+    slot_rate: np.ndarray          # population open rate per slot (smoothed)
+    overall_rate: float
+    profile_mean: np.ndarray       # mean log engagement profile
+    profile_basis: np.ndarray      # (n_slots, rank) principal directions
+
+    def to_dict(self) -> dict:
+        return {
+            "slot_rate": self.slot_rate.tolist(),
+            "overall_rate": self.overall_rate,
+            "profile_mean": self.profile_mean.tolist(),
+            "profile_basis": self.profile_basis.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PopulationPriors":
+        return cls(
+            slot_rate=np.asarray(data["slot_rate"], dtype=float),
+            overall_rate=float(data["overall_rate"]),
+            profile_mean=np.asarray(data["profile_mean"], dtype=float),
+            profile_basis=np.asarray(data["profile_basis"], dtype=float).reshape(
+                len(data["profile_mean"]), -1
+            ),
+        )
+
+
+@dataclass
+class UserMatrix:
+    """User-level scalar features plus per-slot families, all as of one time."""
+
+    as_of: datetime
+    n_slots: int
+    scalars: pd.DataFrame                      # index user_id
+    slots: dict[str, np.ndarray] = field(default_factory=dict)  # family -> (n_users, n_slots)
+    attributes: tuple[str, ...] = ()           # categorical attribute columns in ``scalars``
+
+    @property
+    def user_ids(self) -> pd.Index:
+        return self.scalars.index
+
+    def __len__(self) -> int:
+        return len(self.scalars)
+
+    def subset(self, positions: np.ndarray) -> "UserMatrix":
+        return UserMatrix(
+            as_of=self.as_of,
+            n_slots=self.n_slots,
+            scalars=self.scalars.iloc[positions],
+            slots={k: v[positions] for k, v in self.slots.items()},
+            attributes=self.attributes,
+        )
+
+    def to_frame(self) -> pd.DataFrame:
+        """One wide frame (per-slot families as ``family__SSS`` columns) for Parquet."""
+        blocks = [self.scalars.reset_index()]
+        for family, values in self.slots.items():
+            cols = [f"{family}__{s:03d}" for s in range(self.n_slots)]
+            blocks.append(pd.DataFrame(values.astype(np.float32), columns=cols))
+        frame = pd.concat(blocks, axis=1)
+        frame.attrs = {"as_of": self.as_of.isoformat(), "n_slots": self.n_slots,
+                       "attributes": list(self.attributes)}
+        return frame
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, as_of: datetime, n_slots: int,
+                   attributes: tuple[str, ...]) -> "UserMatrix":
+        slot_cols = [c for c in frame.columns if "__" in c]
+        families = sorted({c.split("__")[0] for c in slot_cols}, key=SLOT_FAMILIES.index)
+        slots = {
+            f: frame[[f"{f}__{s:03d}" for s in range(n_slots)]].to_numpy(np.float32)
+            for f in families
+        }
+        scalars = frame.drop(columns=slot_cols).set_index("user_id")
+        return cls(as_of=as_of, n_slots=n_slots, scalars=scalars, slots=slots,
+                   attributes=tuple(attributes))
+
+
+# --------------------------------------------------------------------------- universe
+
+def user_universe(log: EventLog, as_of: datetime, user_ids: pd.Index | None = None) -> pd.DataFrame:
+    """Everyone known at ``as_of`` (signed up by then, or seen in the log by then), or
+    exactly ``user_ids`` when given (their attributes from the users table)."""
+    attrs = "".join(f', u."{a}"' for a in log.attribute_columns + log.numeric_attributes)
+    if user_ids is not None:
+        log.con.register("wanted_ids", pd.DataFrame({"user_id": pd.Series(user_ids, dtype=str)}))
+        ids_sql = "SELECT DISTINCT user_id FROM wanted_ids"
+    else:
+        ids_sql = f"""SELECT user_id FROM users WHERE signup_ts IS NULL OR signup_ts <= {_ts(as_of)}
+            UNION
+            SELECT DISTINCT user_id FROM events WHERE ts <= {_ts(as_of)}"""
+    frame = log.query_df(
+        f"""
+        WITH ids AS ({ids_sql})
+        SELECT ids.user_id, coalesce(u.timezone, '{log.default_timezone}') AS timezone,
+               u.signup_ts{attrs}
+        FROM ids LEFT JOIN users u USING (user_id)
+        ORDER BY ids.user_id
+        """
+    )
+    return frame.set_index("user_id")
+
+
+# --------------------------------------------------------------------------- families
+
+def slot_counts(log: EventLog, as_of: datetime, cfg: Config, user_ids: pd.Index) -> SlotCounts:
+    """Per-slot sends/opened (matured sends only), sessions and opens by their own hour."""
+    n_slots = cfg.slots.n_slots
+    window_h = cfg.labels.open_attribution_hours
+    since = as_of - timedelta(days=cfg.features.history_days)
+    # a send younger than the attribution window has an unknown outcome: keep it out of rates
+    matured = as_of - timedelta(hours=window_h)
+    sends = log.query_df(
+        f"""SELECT user_id, slot, count(*) AS n, sum(CAST(opened AS INTEGER)) AS k
+        FROM ({attributed_sends_sql(since, matured, as_of, window_h, cfg.slots.kind)})
+        GROUP BY ALL"""
+    )
+    acts = log.query_df(
+        f"""SELECT user_id, {slot_expr(cfg.slots.kind)} AS slot,
+               count(*) FILTER (WHERE event = 'session') AS sessions,
+               count(*) FILTER (WHERE event = 'open') AS opens_at
+        FROM events_local
+        WHERE event IN ('session', 'open') AND ts > {_ts(since)} AND ts <= {_ts(as_of)}
+        GROUP BY ALL"""
+    )
+    shape = (len(user_ids), n_slots)
+
+    def dense(frame: pd.DataFrame, column: str) -> np.ndarray:
+        out = np.zeros(shape, dtype=np.float64)
+        if len(frame):
+            rows = user_ids.get_indexer(frame["user_id"])
+            ok = rows >= 0
+            np.add.at(out, (rows[ok], frame["slot"].to_numpy()[ok].astype(int)),
+                      frame[column].to_numpy()[ok].astype(float))
+        return out
+
+    return SlotCounts(
+        user_ids=user_ids.to_numpy(),
+        sends=dense(sends, "n"),
+        opened=dense(sends, "k"),
+        sessions=dense(acts, "sessions"),
+        opens_at=dense(acts, "opens_at"),
+    )
+
+
+def _engagement_profile(counts: SlotCounts) -> np.ndarray:
+    """Log share of engagement per slot, with a flat pseudo-count so empty users are flat."""
+    activity = counts.sessions + counts.opens_at + 2.0 * counts.opened
+    n_slots = activity.shape[1]
+    share = (activity + 1.0 / n_slots * 4.0) / (activity.sum(axis=1, keepdims=True) + 4.0)
+    return np.log(share * n_slots)
+
+
+def population_priors(counts: SlotCounts | list[SlotCounts], cfg: Config) -> PopulationPriors:
+    """Population slot rates and the principal directions of engagement profiles.
+
+    Accepts one SlotCounts or the chunks of a user-partitioned log (sums are additive).
+    """
+    parts = counts if isinstance(counts, list) else [counts]
+    sends = sum(p.sends.sum(axis=0) for p in parts)
+    opened = sum(p.opened.sum(axis=0) for p in parts)
+    overall = float((opened.sum() + 1.0) / (sends.sum() + 10.0))
+    # slots nobody was sent at borrow the overall rate instead of being zero
+    slot_rate = (opened + 20.0 * overall) / (sends + 20.0)
+    n_slots = len(sends)
+    rank = min(cfg.features.profile_rank, n_slots - 1)
+    n = sum(len(p.user_ids) for p in parts)
+    total = sum(_engagement_profile(p).sum(axis=0) for p in parts)
+    mean = total / max(n, 1)
+    gram = np.zeros((n_slots, n_slots))
+    for p in parts:
+        centred = _engagement_profile(p) - mean
+        gram += centred.T @ centred
+    if rank > 0 and n > rank:
+        values, vectors = np.linalg.eigh(gram)
+        basis = vectors[:, np.argsort(values)[::-1][:rank]]
+    else:
+        basis = np.zeros((n_slots, 0))
+    return PopulationPriors(slot_rate=slot_rate, overall_rate=overall,
+                            profile_mean=mean, profile_basis=basis)
+
+
+def _circular(values: np.ndarray, kernel: tuple[float, ...]) -> np.ndarray:
+    """Weighted sum over neighbouring slots, wrapping around midnight (and the week)."""
+    out = kernel[0] * values
+    for offset, weight in enumerate(kernel[1:], start=1):
+        out = out + weight * (np.roll(values, offset, axis=1) + np.roll(values, -offset, axis=1))
+    return out
+
+
+def slot_features(counts: SlotCounts, priors: PopulationPriors, cfg: Config) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Derived per-slot families and each user's shrunk overall open rate."""
+    f = cfg.features
+    n_slots = counts.sends.shape[1]
+    user_sends = counts.sends.sum(axis=1, keepdims=True)
+    user_opened = counts.opened.sum(axis=1, keepdims=True)
+    user_rate = (user_opened + f.user_prior_strength * priors.overall_rate) / (
+        user_sends + f.user_prior_strength
+    )
+    shape = priors.slot_rate / priors.overall_rate
+    prior = np.clip(user_rate * shape, 1e-4, 0.999)
+    eb_rate = (counts.opened + f.slot_prior_strength * prior) / (counts.sends + f.slot_prior_strength)
+    kernel = f.circular_kernel
+    circ_sends = _circular(counts.sends, kernel)
+    circ_opened = _circular(counts.opened, kernel)
+    circ_rate = (circ_opened + f.slot_prior_strength * prior) / (circ_sends + f.slot_prior_strength)
+
+    def share(values: np.ndarray) -> np.ndarray:
+        return (values + 0.5) / (values.sum(axis=1, keepdims=True) + 0.5 * n_slots) * n_slots
+
+    profile = _engagement_profile(counts)
+    if priors.profile_basis.shape[1]:
+        centred = profile - priors.profile_mean
+        recon = centred @ priors.profile_basis @ priors.profile_basis.T + priors.profile_mean
+    else:
+        recon = np.broadcast_to(priors.profile_mean, profile.shape).copy()
+    profile_rate = np.clip(prior * np.exp(recon - priors.profile_mean), 1e-4, 0.999)
+    rate_rank = np.argsort(np.argsort(-circ_rate, axis=1), axis=1)
+    families = {
+        "sends": counts.sends,
+        "opened": counts.opened,
+        "eb_rate": eb_rate,
+        "circ_rate": circ_rate,
+        "lift": circ_rate / user_rate,
+        "session_share": share(counts.sessions),
+        "open_at_share": share(counts.opens_at),
+        "profile": recon,
+        "profile_rate": profile_rate,
+        "rate_rank": rate_rank.astype(float),
+    }
+    return {k: v.astype(np.float32) for k, v in families.items()}, user_rate[:, 0]
+
+
+def scalar_features(log: EventLog, as_of: datetime, cfg: Config, user_ids: pd.Index) -> pd.DataFrame:
+    """Recency, frequency, monetary value, fatigue and trends, one row per user."""
+    f = cfg.features
+    t = _ts(as_of)
+    eng = ", ".join(f"'{e}'" for e in cfg.labels.engagement_events)
+    parts = []
+    for days in f.frequency_windows_days:
+        for event in ("open", "session", "send", "purchase", "click"):
+            parts.append(
+                f"count(*) FILTER (WHERE event = '{event}' AND ts > {t} - INTERVAL {days} DAY)"
+                f" AS {event}s_{days}d"
+            )
+        parts.append(
+            f"count(DISTINCT CAST(ts AS DATE)) FILTER (WHERE event IN ({eng})"
+            f" AND ts > {t} - INTERVAL {days} DAY) AS active_days_{days}d"
+        )
+    for hours in f.fatigue_windows_hours:
+        parts.append(
+            f"count(*) FILTER (WHERE event = 'send' AND ts > {t} - INTERVAL {hours} HOUR)"
+            f" AS sends_last_{hours}h"
+        )
+    longest = max(f.frequency_windows_days)
+    recency = []
+    for name, cond in (("open", "event = 'open'"), ("session", "event = 'session'"),
+                       ("purchase", "event = 'purchase'"), ("send", "event = 'send'"),
+                       ("engagement", f"event IN ({eng})")):
+        recency.append(
+            f"date_diff('second', max(ts) FILTER (WHERE {cond}), {t}) / 86400.0 AS days_since_{name}"
+        )
+    frame = log.query_df(
+        f"""SELECT user_id, {', '.join(parts)}, {', '.join(recency)},
+               sum(value) FILTER (WHERE event = 'purchase' AND ts > {t} - INTERVAL {longest} DAY)
+                   AS value_{longest}d,
+               date_diff('second', min(ts), {t}) / 86400.0 AS days_since_first_event,
+               bool_or(event = 'unsubscribe') AS unsubscribed,
+               count(*) AS n_events
+        FROM events WHERE ts <= {t}
+        GROUP BY user_id"""
+    ).set_index("user_id")
+    # consecutive unopened: sends since the last send known (at as_of) to be opened
+    window_h = cfg.labels.open_attribution_hours
+    since = as_of - timedelta(days=f.history_days)
+    matured = as_of - timedelta(hours=window_h)
+    streaks = log.query_df(
+        f"""WITH a AS ({attributed_sends_sql(since, as_of, as_of, window_h, cfg.slots.kind)}),
+        last_open AS (SELECT user_id, max(ts) FILTER (WHERE opened) AS last_opened FROM a GROUP BY 1)
+        SELECT a.user_id,
+               count(*) FILTER (WHERE l.last_opened IS NULL OR a.ts > l.last_opened) AS consecutive_unopened,
+               {', '.join(
+                   f"count(*) FILTER (WHERE a.ts <= {_ts(matured)} AND a.ts > {_ts(matured)} - INTERVAL {d} DAY) AS matured_sends_{d}d, "
+                   f"count(*) FILTER (WHERE a.opened AND a.ts <= {_ts(matured)} AND a.ts > {_ts(matured)} - INTERVAL {d} DAY) AS matured_opened_{d}d"
+                   for d in f.frequency_windows_days)}
+        FROM a LEFT JOIN last_open l USING (user_id)
+        GROUP BY a.user_id"""
+    ).set_index("user_id")
+    out = frame.join(streaks, how="outer").reindex(user_ids)
+    counts = [c for c in out.columns if not c.startswith("days_since") and c != "unsubscribed"]
+    out[counts] = out[counts].fillna(0.0)
+    out["unsubscribed"] = out["unsubscribed"].astype("boolean").fillna(False).astype(float)
+    short, long_ = min(f.frequency_windows_days), max(f.frequency_windows_days)
+    scale = long_ / short
+    for event in ("open", "session", "send"):
+        out[f"{event}_trend"] = (out[f"{event}s_{short}d"] * scale + 1.0) / (out[f"{event}s_{long_}d"] + 1.0)
+    for d in f.frequency_windows_days:
+        out[f"open_rate_{d}d"] = (out[f"matured_opened_{d}d"] + 1.0) / (out[f"matured_sends_{d}d"] + 8.0)
+    out["open_rate_trend"] = out[f"open_rate_{short}d"] / out[f"open_rate_{long_}d"]
+    return out.astype(float)
+
+
+def _utc_offset_hours(zones: pd.Series, as_of: datetime) -> np.ndarray:
+    stamp = pd.Timestamp(as_of, tz="UTC")
+    cache = {z: stamp.tz_convert(z).utcoffset().total_seconds() / 3600 for z in zones.unique()}
+    return zones.map(cache).to_numpy(dtype=float)
+
+
+def build_matrix(
+    log: EventLog,
+    as_of: datetime,
+    cfg: Config,
+    priors: PopulationPriors | None = None,
+    user_ids: pd.Index | None = None,
+) -> tuple[UserMatrix, PopulationPriors]:
+    """Everything known about each user at ``as_of`` (events with ts <= as_of only).
+
+    ``priors`` come from the population; pass them when building a chunk of users.
+    """
+    universe = user_universe(log, as_of, user_ids)
+    ids = universe.index
+    counts = slot_counts(log, as_of, cfg, ids)
+    if priors is None:
+        priors = population_priors(counts, cfg)
+    families, user_rate = slot_features(counts, priors, cfg)
+    scalars = scalar_features(log, as_of, cfg, ids)
+    scalars["user_open_rate"] = user_rate
+    scalars["utc_offset_hours"] = _utc_offset_hours(universe["timezone"], as_of)
+    signup = pd.to_datetime(universe["signup_ts"])
+    scalars["tenure_days"] = ((pd.Timestamp(as_of) - signup).dt.total_seconds() / 86400).to_numpy()
+    scalars["session_entropy"] = _entropy(counts.sessions + counts.opens_at)
+    scalars["has_history"] = (scalars["n_events"] > 0).astype(float)
+    scalars["timezone"] = universe["timezone"].astype(str)
+    for attr in log.attribute_columns:
+        scalars[attr] = universe[attr].astype("string")
+    for attr in log.numeric_attributes:
+        scalars[attr] = universe[attr].astype(float)
+    matrix = UserMatrix(as_of=as_of, n_slots=cfg.slots.n_slots, scalars=scalars, slots=families,
+                        attributes=("timezone",) + log.attribute_columns)
+    return matrix, priors
+
+
+def _entropy(activity: np.ndarray) -> np.ndarray:
+    p = (activity + 1e-9) / (activity.sum(axis=1, keepdims=True) + 1e-9 * activity.shape[1])
+    return -(p * np.log(p)).sum(axis=1)

@@ -1,0 +1,318 @@
+"""The ``sendtime`` command: a thin layer over the pipelines. Each subcommand reads paths,
+calls pure functions, writes paths; failures exit non-zero with a one-line reason."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sendtime.config import Config, ConfigError, load_config
+
+app = typer.Typer(
+    name="sendtime",
+    help="When to send to each person, and whom to target: send-time and churn models "
+         "from behaviour logs (LightGBM/XGBoost, MLflow, BentoML).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+log = logging.getLogger("sendtime")
+
+
+class _State:
+    config_path: Optional[Path] = None
+    quiet: bool = False
+
+
+STATE = _State()
+
+EventsOpt = typer.Option(..., "--events", "-e", help="Events: a Parquet/CSV file or a folder of them (contract section 1).")
+UsersOpt = typer.Option(None, "--users", "-u", help="Optional users table (timezone, signup_ts, attributes).")
+AsOfOpt = typer.Option(None, "--as-of", help="Point in time (ISO 8601; naive = UTC). Default: the last event.")
+QuarantineOpt = typer.Option(None, "--quarantine", help="Move invalid event rows to this Parquet file instead of failing.")
+
+
+def _setup_logging(verbose: bool) -> None:
+    from tqdm.auto import tqdm
+
+    class _TqdmHandler(logging.Handler):
+        # writing through tqdm keeps progress bars intact
+        def emit(self, record: logging.LogRecord) -> None:
+            tqdm.write(self.format(record), file=sys.stderr)
+
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    for name in ("sendtime", "features", "training", "serving"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _quiet_third_parties() -> None:
+    for key in ("BENTOML_DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK"):
+        os.environ.setdefault(key, "true")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
+
+
+@app.callback()
+def main(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", envvar="SENDTIME_CONFIG",
+                                          help="A TOML file overriding configs/default.toml (only the keys it sets)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    STATE.config_path = config
+    STATE.quiet = quiet
+    _setup_logging(verbose)
+    _quiet_third_parties()
+
+
+def _cfg() -> Config:
+    return load_config(STATE.config_path)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    first, *rest = str(message).strip().splitlines() or ["failed"]
+    typer.echo(f"error: {first}", err=True)
+    for line in rest:
+        typer.echo(f"  {line.strip()}", err=True)
+    raise typer.Exit(code)
+
+
+def _job(func):
+    """Turn the errors users can act on into a one-line reason and exit status 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from features.events import EventLogError
+        from serving.predictor import NoChampionError
+        from training.datasets import TaskNotTrainable
+        from training.registry import PromotionRefused
+
+        try:
+            return func(*args, **kwargs)
+        except (ConfigError, EventLogError, TaskNotTrainable, PromotionRefused, NoChampionError,
+                FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
+
+    return wrapper
+
+
+def _as_of(value: Optional[str]) -> Optional[datetime]:
+    if value is None:
+        return None
+    from features.events import to_utc
+
+    try:
+        return to_utc(value)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"--as-of: {value!r} is not a time (use ISO 8601, e.g. 2026-05-01T00:00:00Z)") from exc
+
+
+def _open(events: Path, users: Optional[Path], cfg: Config, quarantine: Optional[Path] = None):
+    from features.events import open_log
+
+    return open_log(events, users, default_timezone=cfg.slots.default_timezone,
+                    quarantine=quarantine, threads=cfg.models.threads)
+
+
+@app.command()
+@_job
+def simulate(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for events.parquet, users.parquet, truth.parquet, snapshot.txt."),
+    users: Optional[int] = typer.Option(None, "--users", help="Number of users (default from config: simulate.users)."),
+    days: Optional[int] = typer.Option(None, "--days", help="Days of history before the snapshot (default simulate.days)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed; the same seed gives the same data."),
+    exploration: Optional[float] = typer.Option(None, "--exploration", help="Share of sends at a random hour (default simulate.exploration)."),
+) -> None:
+    """Generate a realistic behaviour log with known truth (true per-slot open probabilities, churn)."""
+    from features.simulate import simulate as run
+
+    cfg = _cfg()
+    if exploration is not None:
+        cfg = cfg.with_overrides(simulate={"exploration": exploration})
+    summary = run(cfg, out, users=users, days=days, seed=seed, progress=not STATE.quiet)
+    typer.echo(f"simulated {summary.n_users} users, {summary.n_events} events up to "
+               f"{summary.snapshot:%Y-%m-%d %H:%M} UTC -> {out}")
+
+
+@app.command()
+@_job
+def features(
+    events: Path = EventsOpt,
+    users: Optional[Path] = UsersOpt,
+    as_of: Optional[str] = AsOfOpt,
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for features.parquet (one row per user)."),
+    quarantine: Optional[Path] = QuarantineOpt,
+) -> None:
+    """Build the point-in-time user-behaviour matrix as of a time (only events at or before it)."""
+    from features.matrix import build_matrix
+
+    cfg = _cfg()
+    lg = _open(events, users, cfg, quarantine)
+    t = _as_of(as_of) or lg.max_ts()
+    matrix, priors = build_matrix(lg, t, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "features.parquet"
+    tmp = out / ".features.parquet.tmp"
+    matrix.to_frame().to_parquet(tmp, index=False)
+    tmp.replace(target)
+    (out / "features_manifest.json").write_text(json.dumps(
+        {"as_of": t.isoformat(), "n_users": len(matrix), "n_slots": matrix.n_slots,
+         "attributes": list(matrix.attributes), "priors": priors.to_dict()}, indent=2))
+    typer.echo(f"{len(matrix)} users x {matrix.to_frame().shape[1] - 1} features as of {t:%Y-%m-%d %H:%M} -> {target}")
+
+
+@app.command()
+@_job
+def train(
+    task: str = typer.Option(..., "--task", "-t", help="open (per-slot open probability) or churn."),
+    model: str = typer.Option(..., "--model", "-m", help="lightgbm or xgboost."),
+    events: Path = EventsOpt,
+    users: Optional[Path] = UsersOpt,
+    as_of: Optional[str] = AsOfOpt,
+    params: Optional[str] = typer.Option(None, "--params", help="JSON of model parameters overriding the config, e.g. '{\"num_leaves\": 63}'."),
+    best_params: bool = typer.Option(False, "--best-params", help="Use the best parameters found by `sendtime tune` for this task and model."),
+    no_register: bool = typer.Option(False, "--no-register", help="Log the run but do not register a model version."),
+) -> None:
+    """Train on what happened up to --as-of, measure on a time holdout, log to MLflow and register a version."""
+    from training.pipeline import train_task
+
+    cfg = _cfg()
+    if task not in ("open", "churn"):
+        raise ValueError(f"--task: {task!r} is not a task; choose open or churn")
+    if model not in ("lightgbm", "xgboost"):
+        raise ValueError(f"--model: {model!r} is not supported; choose lightgbm or xgboost")
+    overrides = json.loads(params) if params else {}
+    if best_params:
+        from training.tuning import best_params_for
+
+        overrides = {**best_params_for(cfg, task, model), **overrides}
+    lg = _open(events, users, cfg)
+    result = train_task(lg, task, model, cfg, as_of=_as_of(as_of), overrides=overrides,
+                        register=not no_register, progress=not STATE.quiet,
+                        extra_tags={"tuned": str(bool(best_params)).lower()})
+    m = result.metrics
+    typer.echo(f"{task}/{model}: holdout AUC {m['holdout_auc']:.4f}, log loss {m['holdout_log_loss']:.4f}, "
+               f"Brier {m['holdout_brier']:.4f}, ECE {m['holdout_ece']:.4f}; run {result.run_id}"
+               + (f"; registered {result.model_name} version {result.version}" if result.version else ""))
+
+
+@app.command()
+@_job
+def promote(
+    task: str = typer.Option(..., "--task", "-t", help="open or churn."),
+    version: Optional[int] = typer.Option(None, "--version", help="Version to promote (default: best holdout log loss)."),
+    force: bool = typer.Option(False, "--force", help="Promote even if worse than the current champion."),
+    rollback: bool = typer.Option(False, "--rollback", help="Return the champion alias to the previous champion."),
+) -> None:
+    """Point the `champion` alias at a version; refuses a worse one than the champion unless forced."""
+    from training.registry import promote_champion, rollback_champion
+
+    cfg = _cfg()
+    result = rollback_champion(cfg, task) if rollback else promote_champion(cfg, task, version, force)
+    typer.echo(f"{result.model_name}@{cfg.tracking.champion_alias} -> version {result.version} "
+               f"(was {result.previous or 'none'}): {result.reason}")
+
+
+@app.command()
+@_job
+def score(
+    events: Path = EventsOpt,
+    users: Optional[Path] = UsersOpt,
+    as_of: Optional[str] = AsOfOpt,
+    out: Path = typer.Option(..., "--out", "-o", help="Tag table to write (Parquet)."),
+    quarantine: Optional[Path] = QuarantineOpt,
+) -> None:
+    """Nightly tag refresh: champion models, features as of T, tags + tag store + feature snapshot, atomically."""
+    from serving.models import load_champions
+    from serving.scoring import refresh_tags
+
+    cfg = _cfg()
+    champions = load_champions(cfg)
+    lg = _open(events, users, cfg, quarantine)
+    result = refresh_tags(lg, cfg, champions, out, _as_of(as_of), progress=not STATE.quiet)
+    for task, why in result.missing.items():
+        typer.echo(f"warning: no {task} champion; its tag columns are empty ({why})", err=True)
+    typer.echo(f"scored {result.n_users} users ({result.n_cold_start} cold start) with {result.versions} -> "
+               f"{out}; tag store {result.refresh.store}")
+
+
+@app.command()
+@_job
+def evaluate(
+    tags: Path = typer.Option(..., "--tags", help="Tags written by `sendtime score`."),
+    truth: Path = typer.Option(..., "--truth", help="truth.parquet written by `sendtime simulate`."),
+    events: Optional[Path] = typer.Option(None, "--events", help="Events for the baselines (default: events.parquet beside the truth)."),
+    users: Optional[Path] = typer.Option(None, "--users", help="Users for the baselines (default: users.parquet beside the truth)."),
+    as_of: Optional[str] = AsOfOpt,
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON here."),
+) -> None:
+    """On simulated data: slot capture, expected log loss vs the oracle, churn AUC, beside baselines."""
+    import pandas as pd
+
+    from training.evaluation import evaluate_against_truth
+
+    cfg = _cfg()
+    events = events or (truth.parent / "events.parquet")
+    users = users or (truth.parent / "users.parquet" if (truth.parent / "users.parquet").exists() else None)
+    lg = _open(events, users, cfg) if events.exists() else None
+    report = evaluate_against_truth(pd.read_parquet(tags), pd.read_parquet(truth), cfg, lg, _as_of(as_of))
+    typer.echo(report.to_text())
+    if json_out:
+        json_out.write_text(report.table.to_json(orient="records", indent=2))
+
+
+@app.command()
+@_job
+def serve(
+    port: Optional[int] = typer.Option(None, "--port", "-p", help="Port (default serving.port)."),
+    host: Optional[str] = typer.Option(None, "--host", help="Address to bind (default serving.host, loopback)."),
+    serving_dir: Optional[Path] = typer.Option(None, "--serving-dir", help="Where `score` published (default serving.serving_dir)."),
+) -> None:
+    """Start the BentoML prediction service (POST /recommend, /models, /readyz, OpenAPI at /docs)."""
+    from serving.tagstore import current_refresh
+
+    cfg = _cfg()
+    folder = serving_dir or Path(cfg.serving.serving_dir)
+    if current_refresh(folder) is None:
+        raise FileNotFoundError(f"no feature snapshot under {folder}: run `sendtime score` first")
+    env = dict(os.environ, SENDTIME_SERVING_DIR=str(folder.resolve()))
+    if STATE.config_path:
+        env["SENDTIME_CONFIG"] = str(Path(STATE.config_path).resolve())
+    argv = [sys.executable, "-m", "bentoml", "serve", "serving.service:Sendtime",
+            "--host", host or cfg.serving.host, "--port", str(port or cfg.serving.port)]
+    os.execve(sys.executable, argv, env)
+
+
+@app.command()
+@_job
+def tags(
+    sql: str = typer.Argument("SELECT churn_tier, count(*) AS users, avg(churn_prob) AS mean_churn_prob FROM tags GROUP BY 1 ORDER BY 1",
+                              help="Read-only SQL over the tag store (tables: tags, priors, manifest)."),
+    serving_dir: Optional[Path] = typer.Option(None, "--serving-dir", help="Default serving.serving_dir."),
+) -> None:
+    """Query the current tag store, e.g. audiences: SELECT user_id FROM tags WHERE churn_tier = 'high'."""
+    from serving.tagstore import query_tags
+
+    cfg = _cfg()
+    frame = query_tags(serving_dir or Path(cfg.serving.serving_dir), sql)
+    typer.echo(frame.to_string(index=False, max_rows=50))
+
+
+if __name__ == "__main__":
+    app()

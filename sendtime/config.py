@@ -1,0 +1,235 @@
+"""Configuration: loaded from TOML once, at the CLI's edge, validated, then passed as data.
+
+Every number of the labels, features, models and serving lives in ``configs/*.toml``;
+these models only say what shape it must have. Nothing here touches the file system
+except :func:`load_config`, and only when called.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "SlotConfig",
+    "LabelConfig",
+    "FeatureConfig",
+    "DatasetConfig",
+    "ModelConfig",
+    "TrackingConfig",
+    "TuningConfig",
+    "ServingConfig",
+    "SimulateConfig",
+    "load_config",
+    "DEFAULT_CONFIG_ENV",
+]
+
+DEFAULT_CONFIG_ENV = "SENDTIME_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A configuration file that does not have the expected shape."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SlotConfig(_Frozen):
+    kind: Literal["hour_of_day", "hour_of_week"]
+    default_timezone: str
+
+    @field_validator("default_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown IANA time zone {value!r}") from exc
+        return value
+
+    @property
+    def n_slots(self) -> int:
+        return 24 if self.kind == "hour_of_day" else 168
+
+
+class LabelConfig(_Frozen):
+    open_attribution_hours: float = Field(gt=0)
+    churn_lookback_days: int = Field(gt=0)
+    churn_horizon_days: int = Field(gt=0)
+    engagement_events: tuple[str, ...]
+
+
+class FeatureConfig(_Frozen):
+    history_days: int = Field(gt=0)
+    frequency_windows_days: tuple[int, ...]
+    fatigue_windows_hours: tuple[int, ...]
+    slot_prior_strength: float = Field(gt=0)
+    user_prior_strength: float = Field(gt=0)
+    circular_kernel: tuple[float, ...]
+    profile_rank: int = Field(ge=0, le=24)
+    max_attribute_levels: int = Field(gt=1)
+
+
+class DatasetConfig(_Frozen):
+    open_snapshot_every_days: int = Field(gt=0)
+    open_train_snapshots: int = Field(gt=1)
+    open_rows_days: int = Field(gt=0)
+    churn_snapshot_every_days: int = Field(gt=0)
+    churn_train_snapshots: int = Field(gt=1)
+    calibration: Literal["isotonic", "sigmoid", "none"]
+    calibration_bins: int = Field(gt=1)
+
+
+class ModelConfig(_Frozen):
+    num_boost_round: int = Field(gt=0)
+    early_stopping_rounds: int = Field(gt=0)
+    seed: int
+    threads: int = Field(gt=0)
+    lightgbm: dict[str, Any]
+    xgboost: dict[str, Any]
+
+
+class TrackingConfig(_Frozen):
+    tracking_uri: str
+    artifact_root: str
+    experiment: str
+    model_prefix: str
+    champion_alias: str
+    previous_alias: str
+    gate_relative_margin: float = Field(ge=0)
+
+    def resolved_uri(self) -> str:
+        """``MLFLOW_TRACKING_URI`` wins over the file, as MLflow users expect."""
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
+
+    def model_name(self, task: str) -> str:
+        return f"{self.model_prefix}-{task}"
+
+
+class TuningConfig(_Frozen):
+    trials: int = Field(gt=0)
+    storage: str
+    startup_trials: int = Field(ge=0)
+
+
+class ChurnTiers(_Frozen):
+    medium: float = Field(gt=0, lt=1)
+    high: float = Field(gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ChurnTiers":
+        if not self.medium < self.high:
+            raise ValueError("churn_tiers: medium must be below high")
+        return self
+
+
+class ServingConfig(_Frozen):
+    serving_dir: str
+    keep_refreshes: int = Field(ge=1)
+    host: str
+    port: int = Field(gt=0, lt=65536)
+    max_user_ids: int = Field(gt=0)
+    max_window_hours: int = Field(gt=0)
+    default_window_hours: int = Field(gt=0)
+    score_batch_users: int = Field(gt=0)
+    churn_tiers: ChurnTiers
+
+
+class SimulateConfig(_Frozen):
+    users: int = Field(gt=0)
+    days: int = Field(gt=0)
+    seed: int
+    start: str
+    timezones: dict[str, float]
+    sender_timezone: str
+    house_hours: tuple[int, ...]
+    exploration: float = Field(ge=0, le=1)
+    send_rate: float = Field(gt=0)
+    fatigue_per_recent_send: float = Field(ge=0, lt=1)
+    cold_start_share: float = Field(ge=0, lt=1)
+    fade_share: float = Field(ge=0, le=1)
+    fade_days_mean: float = Field(gt=0)
+    sessions_per_day: float = Field(ge=0)
+    session_rhythm_share: float = Field(ge=0, le=1)
+    base_open_rate: float = Field(gt=0, lt=1)
+    purchase_per_session: float = Field(ge=0, le=1)
+    click_per_open: float = Field(ge=0, le=1)
+    unsubscribe_per_send: float = Field(ge=0, le=1)
+
+    @field_validator("timezones")
+    @classmethod
+    def _zones(cls, value: dict[str, float]) -> dict[str, float]:
+        for zone, share in value.items():
+            try:
+                ZoneInfo(zone)
+            except (ZoneInfoNotFoundError, ValueError) as exc:
+                raise ValueError(f"simulate.timezones: unknown time zone {zone!r}") from exc
+            if share < 0:
+                raise ValueError(f"simulate.timezones: negative share for {zone!r}")
+        if sum(value.values()) <= 0:
+            raise ValueError("simulate.timezones: shares must add up to more than 0")
+        return value
+
+
+class Config(_Frozen):
+    slots: SlotConfig
+    labels: LabelConfig
+    features: FeatureConfig
+    datasets: DatasetConfig
+    models: ModelConfig
+    tracking: TrackingConfig
+    tuning: TuningConfig
+    serving: ServingConfig
+    simulate: SimulateConfig
+
+    def with_overrides(self, **sections: dict[str, Any]) -> "Config":
+        """A copy with some fields of some sections replaced, validated again."""
+        data = self.model_dump()
+        for section, fields in sections.items():
+            data[section].update({k: v for k, v in fields.items() if v is not None})
+        return Config.model_validate(data)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _default_toml() -> dict[str, Any]:
+    text = resources.files("configs").joinpath("default.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load the default config, overlaid by ``path`` (or ``$SENDTIME_CONFIG``) if given.
+
+    An overlay file only needs the keys it changes.
+    """
+    data = _default_toml()
+    path = path or os.environ.get(DEFAULT_CONFIG_ENV)
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = _deep_merge(data, tomllib.loads(path.read_text(encoding="utf-8")))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return Config.model_validate(data)
+    except Exception as exc:  # pydantic's message names the field; keep it whole
+        raise ConfigError(f"invalid configuration{f' in {path}' if path else ''}:\n{exc}") from exc

@@ -1,0 +1,96 @@
+"""The BentoML service the message scheduler queries.
+
+Started by ``sendtime serve`` (or ``bentoml serve serving.service:Sendtime``). It loads
+the champions and the latest feature snapshot once, in ``__init__``; requests only gather
+rows and run the trees. Configuration comes from ``SENDTIME_CONFIG`` (a TOML overlay) and
+``SENDTIME_SERVING_DIR``, read when the service starts, never on import.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from typing import Annotated, Optional
+
+import bentoml
+from bentoml.exceptions import InvalidArgument
+from pydantic import BaseModel, Field
+
+from sendtime.config import load_config
+from serving.recommend import Recommender
+
+__all__ = ["Sendtime", "RecommendResult", "RecommendResponse"]
+
+
+class RecommendResult(BaseModel):
+    user_id: str = Field(description="the user asked about")
+    slot_open_probs: Optional[list[float]] = Field(
+        description="predicted open probability of a message sent in each slot (local hour 0-23, "
+                    "or hour of week when configured); null when no open model is champion")
+    best_slot: Optional[int] = Field(description="the slot with the highest open probability")
+    send_at: Optional[str] = Field(description="recommended send time inside the window, ISO 8601 UTC")
+    send_at_open_prob: Optional[float] = Field(description="open probability at send_at")
+    churn_prob: Optional[float] = Field(description="probability of no engagement within the churn horizon")
+    churn_tier: Optional[str] = Field(description="low / medium / high, by the configured thresholds")
+    cold_start: bool = Field(description="true when the user has no history and a population prior was used")
+    model_versions: dict[str, Optional[str]] = Field(description="registered versions used, by task")
+
+
+class RecommendResponse(BaseModel):
+    results: list[RecommendResult] = Field(description="one result per user id, in the order asked")
+
+
+class ModelsResponse(BaseModel):
+    model_versions: dict[str, Optional[str]]
+    missing_tasks: dict[str, str]
+    feature_snapshot_as_of: str
+    refresh_id: str
+    n_users: int
+
+
+@bentoml.service(
+    name="sendtime",
+    traffic={"timeout": 30},
+    # the access log costs 5-8 % throughput; the scheduler's own logs record requests
+    logging={"access": {"enabled": False}},
+)
+class Sendtime:
+    def __init__(self) -> None:
+        self.cfg = load_config(os.environ.get("SENDTIME_CONFIG") or None)
+        self.recommender = Recommender.load(self.cfg, os.environ.get("SENDTIME_SERVING_DIR") or None)
+
+    @bentoml.api(route="/recommend")
+    def recommend(
+        self,
+        user_ids: Annotated[list[str], Field(min_length=1, description="users to recommend for")],
+        window_start: Annotated[Optional[datetime], Field(
+            description="start of the sending window (ISO 8601; default now)")] = None,
+        window_hours: Annotated[Optional[int], Field(
+            description="length of the window in hours (default 24)")] = None,
+    ) -> RecommendResponse:
+        """Per user: open probability per slot, the best send time in the window, churn risk."""
+        serving = self.cfg.serving
+        if len(user_ids) > serving.max_user_ids:
+            raise InvalidArgument(f"user_ids: at most {serving.max_user_ids} ids per request, got {len(user_ids)}")
+        bad = [i for i, u in enumerate(user_ids) if not u.strip()]
+        if bad:
+            raise InvalidArgument(f"user_ids: empty id at position(s) {bad[:5]}")
+        hours = serving.default_window_hours if window_hours is None else window_hours
+        if not 1 <= hours <= serving.max_window_hours:
+            raise InvalidArgument(f"window_hours: must be between 1 and {serving.max_window_hours}, got {hours}")
+        if window_start is not None and window_start.tzinfo is None:
+            from datetime import timezone
+
+            window_start = window_start.replace(tzinfo=timezone.utc)
+        results = self.recommender.recommend(list(user_ids), window_start, hours)
+        return RecommendResponse(results=[RecommendResult(**r) for r in results])
+
+    @bentoml.api(route="/models")
+    def models(self) -> ModelsResponse:
+        """Which model versions and which feature snapshot this server answers with."""
+        r = self.recommender
+        return ModelsResponse(
+            model_versions=r.champions.versions(), missing_tasks=r.champions.missing,
+            feature_snapshot_as_of=r.manifest["as_of"], refresh_id=r.manifest["refresh_id"],
+            n_users=len(r.matrix),
+        )

@@ -1,0 +1,183 @@
+"""Training sets built from the log by time: weekly snapshots, each with the matrix as of
+the snapshot and the labels of what followed it.
+
+The split is by time, never by shuffling rows:
+
+    ... train snapshots ... | validation snapshot | holdout snapshot | as_of
+    early stopping and calibration use validation; the holdout is only measured.
+
+Rows of a snapshot never carry labels that reach into the holdout period.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from features.events import EventLog
+from features.matrix import build_matrix
+from features.rows import churn_rows, open_rows
+from sendtime.config import Config
+from training.labels import churn_labels, open_labels
+
+__all__ = ["Dataset", "Split", "build_dataset", "open_snapshots", "churn_snapshots", "TaskNotTrainable"]
+
+log = logging.getLogger(__name__)
+
+TASKS = ("open", "churn")
+
+
+class TaskNotTrainable(RuntimeError):
+    """The log cannot support this task (no sends, no opens, too short ...)."""
+
+
+@dataclass
+class Split:
+    rows: pd.DataFrame          # model inputs before encoding
+    label: np.ndarray
+    meta: pd.DataFrame          # user_id, snapshot, and for open: slot, local_hour, local_dow
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+
+@dataclass
+class Dataset:
+    task: str
+    as_of: datetime
+    train: Split
+    valid: Split
+    holdout: Split
+    categorical: tuple[str, ...]
+    snapshots: dict[str, list[str]] = field(default_factory=dict)
+
+    def holdout_digest(self) -> str:
+        """Identifies the holdout, so versions are compared on the same rows."""
+        h = hashlib.sha256()
+        h.update(self.task.encode())
+        h.update(pd.util.hash_pandas_object(self.holdout.meta, index=False).to_numpy().tobytes())
+        h.update(self.holdout.label.tobytes())
+        return h.hexdigest()[:16]
+
+
+def _day(value: datetime) -> datetime:
+    return value.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def open_snapshots(as_of: datetime, first_event: datetime, cfg: Config) -> tuple[list[datetime], datetime, datetime]:
+    """(train snapshots oldest first, validation snapshot, holdout snapshot)."""
+    d = cfg.datasets
+    window = timedelta(hours=cfg.labels.open_attribution_hours)
+    holdout = _day(as_of - window - timedelta(days=d.open_rows_days))
+    step = timedelta(days=d.open_snapshot_every_days)
+    valid = holdout - step
+    train = [valid - step * k for k in range(d.open_train_snapshots, 0, -1)]
+    # a snapshot needs some history behind it to describe users
+    train = [t for t in train if t >= first_event + timedelta(days=7)]
+    if not train or valid < first_event + timedelta(days=7):
+        raise TaskNotTrainable(
+            f"the log ({first_event:%Y-%m-%d} to {as_of:%Y-%m-%d}) is too short for the open task: "
+            f"it needs about {(d.open_train_snapshots + 2) * d.open_snapshot_every_days + 8} days"
+        )
+    return train, valid, holdout
+
+
+def churn_snapshots(as_of: datetime, first_event: datetime, cfg: Config) -> tuple[list[datetime], datetime, datetime]:
+    d = cfg.datasets
+    horizon = timedelta(days=cfg.labels.churn_horizon_days)
+    holdout = _day(as_of - horizon)
+    valid = holdout - horizon          # its labels end where the holdout begins
+    step = timedelta(days=d.churn_snapshot_every_days)
+    train = [valid - step * k for k in range(d.churn_train_snapshots, 0, -1)]
+    train = [t for t in train if t >= first_event + timedelta(days=14)]
+    if not train or valid < first_event + timedelta(days=14):
+        raise TaskNotTrainable(
+            f"the log ({first_event:%Y-%m-%d} to {as_of:%Y-%m-%d}) is too short for the churn task: "
+            f"it needs about {2 * cfg.labels.churn_horizon_days + 14 + d.churn_snapshot_every_days} days"
+        )
+    return train, valid, holdout
+
+
+def _open_split(log: EventLog, snapshot: datetime, until: datetime, known_at: datetime,
+                cfg: Config) -> Split:
+    labels = open_labels(log, snapshot, until, known_at, cfg)
+    users = pd.Index(labels["user_id"].unique())
+    matrix, _ = build_matrix(log, snapshot, cfg, user_ids=users)
+    pos = matrix.user_ids.get_indexer(labels["user_id"])
+    rows = open_rows(matrix, pos, labels["slot"].to_numpy())
+    meta = labels[["user_id", "ts", "slot", "local_hour", "local_dow"]].copy()
+    meta["snapshot"] = snapshot
+    return Split(rows=rows, label=labels["opened"].to_numpy(np.int8), meta=meta.reset_index(drop=True))
+
+
+def _churn_split(log: EventLog, snapshot: datetime, cfg: Config) -> Split:
+    labels = churn_labels(log, snapshot, cfg)
+    matrix, _ = build_matrix(log, snapshot, cfg, user_ids=pd.Index(labels["user_id"]))
+    pos = matrix.user_ids.get_indexer(labels["user_id"])
+    rows = churn_rows(matrix.subset(pos))
+    meta = labels[["user_id"]].copy()
+    meta["snapshot"] = snapshot
+    return Split(rows=rows, label=labels["churned"].to_numpy(np.int8), meta=meta.reset_index(drop=True))
+
+
+def _concat(splits: list[Split]) -> Split:
+    return Split(
+        rows=pd.concat([s.rows for s in splits], ignore_index=True),
+        label=np.concatenate([s.label for s in splits]),
+        meta=pd.concat([s.meta for s in splits], ignore_index=True),
+    )
+
+
+def _check_events(log: EventLog, task: str) -> None:
+    counts = log.event_counts()
+    need = {"open": ("send", "open"), "churn": ()}[task]
+    missing = [e for e in need if not counts.get(e)]
+    if task == "churn" and not any(counts.get(e) for e in ("open", "click", "purchase", "session")):
+        missing = ["an engagement event (open, click, purchase or session)"]
+    if missing:
+        have = ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "no events"
+        raise TaskNotTrainable(
+            f"the {task} task needs {' and '.join(missing)} events; this log has {have}"
+        )
+
+
+def build_dataset(log: EventLog, task: str, as_of: datetime | None, cfg: Config,
+                  progress: bool = True) -> Dataset:
+    """Train/validation/holdout for ``task`` from what happened up to ``as_of``."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    _check_events(log, task)
+    first, last = log.min_ts(), log.max_ts()
+    as_of = as_of or last
+    window = timedelta(hours=cfg.labels.open_attribution_hours)
+    if task == "open":
+        train_t, valid_t, hold_t = open_snapshots(as_of, first, cfg)
+        rows_span = timedelta(days=cfg.datasets.open_rows_days)
+        jobs = [(t, min(t + rows_span, valid_t - window)) for t in train_t]
+        jobs.append((valid_t, min(valid_t + rows_span, hold_t - window)))
+        jobs.append((hold_t, hold_t + rows_span))
+        bar = tqdm(jobs, desc="open snapshots", unit="snapshot", disable=not progress)
+        splits = [_open_split(log, t, until, as_of, cfg) for t, until in bar]
+    else:
+        train_t, valid_t, hold_t = churn_snapshots(as_of, first, cfg)
+        bar = tqdm(train_t + [valid_t, hold_t], desc="churn snapshots", unit="snapshot", disable=not progress)
+        splits = [_churn_split(log, t, cfg) for t in bar]
+    train, valid, holdout = _concat(splits[:-2]), splits[-2], splits[-1]
+    for name, split in (("train", train), ("validation", valid), ("holdout", holdout)):
+        if len(split) == 0 or split.label.min() == split.label.max():
+            raise TaskNotTrainable(
+                f"the {task} {name} set has {len(split)} rows and a single label value; "
+                "the log is too small or too uniform for this task"
+            )
+    categorical = ("timezone",) + log.attribute_columns
+    return Dataset(
+        task=task, as_of=as_of, train=train, valid=valid, holdout=holdout, categorical=categorical,
+        snapshots={"train": [t.isoformat() for t in train_t], "valid": [valid_t.isoformat()],
+                   "holdout": [hold_t.isoformat()]},
+    )

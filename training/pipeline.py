@@ -1,0 +1,195 @@
+"""One training run: dataset by time -> fit -> calibrate -> holdout metrics -> MLflow run
+with plots and a new registered model version."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import lightgbm as lgb
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import pandas as pd
+import xgboost as xgb
+from mlflow.models import infer_signature
+
+from features.events import EventLog
+from features.rows import FeatureSpec
+from sendtime.config import Config
+from serving.predictor import apply_calibration
+from training import plots
+from training.calibration import fit_calibrator
+from training.datasets import Dataset, build_dataset
+from training.metrics import binary_metrics
+from training.tracking import configure_tracking, datasets_dir
+from training.trainers import Fitted, feature_importance, fit_model, predict_raw
+
+__all__ = ["TrainResult", "train_task", "fit_and_evaluate", "save_holdout"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    task: str
+    library: str
+    run_id: str
+    model_name: str
+    version: str | None
+    metrics: dict[str, float]
+
+
+@dataclass
+class Evaluated:
+    fitted: Fitted
+    spec: FeatureSpec
+    calibrator: dict
+    metrics: dict[str, float]
+    p_holdout: np.ndarray
+    p_holdout_raw: np.ndarray
+
+
+def fit_and_evaluate(ds: Dataset, library: str, cfg: Config, overrides: dict[str, Any] | None = None,
+                     extra_callbacks: list | None = None) -> Evaluated:
+    """Fit on train, stop early and calibrate on validation, measure on the holdout."""
+    spec = FeatureSpec.fit(ds.train.rows, ds.categorical, cfg.features.max_attribute_levels)
+    names = list(spec.names)
+    x_train, x_valid, x_hold = (spec.encode(s.rows) for s in (ds.train, ds.valid, ds.holdout))
+    fitted = fit_model(library, x_train, ds.train.label, x_valid, ds.valid.label, names, cfg,
+                       overrides, extra_callbacks)
+    p_valid = predict_raw(library, fitted.booster, x_valid)
+    calibrator, evidence = fit_calibrator(cfg.datasets.calibration, p_valid, ds.valid.label.astype(float),
+                                          ds.valid.meta["user_id"].to_numpy())
+    start = time.perf_counter()
+    p_raw = predict_raw(library, fitted.booster, x_hold)
+    predict_seconds = time.perf_counter() - start
+    p_cal = apply_calibration(p_raw, calibrator)
+    bins = cfg.datasets.calibration_bins
+    metrics = {
+        **binary_metrics(ds.holdout.label, p_cal, bins, prefix="holdout_"),
+        **{k: v for k, v in binary_metrics(ds.holdout.label, p_raw, bins, prefix="holdout_raw_").items()
+           if k.endswith(("log_loss", "ece", "auc"))},
+        **binary_metrics(ds.valid.label, apply_calibration(p_valid, calibrator), bins, prefix="valid_"),
+        **evidence,
+        "train_seconds": fitted.train_seconds,
+        "predict_rows_per_second": len(x_hold) / max(predict_seconds, 1e-9),
+        "best_iteration": float(fitted.best_iteration),
+        "n_train": float(len(ds.train)),
+        "n_valid": float(len(ds.valid)),
+        "n_holdout": float(len(ds.holdout)),
+        "n_features": float(len(names)),
+    }
+    return Evaluated(fitted=fitted, spec=spec, calibrator=calibrator, metrics=metrics,
+                     p_holdout=p_cal, p_holdout_raw=p_raw)
+
+
+def save_holdout(ds: Dataset, cfg: Config) -> Path:
+    """Keep the holdout rows by digest so other versions can be measured on them."""
+    folder = datasets_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{ds.task}-holdout-{ds.holdout_digest()}.parquet"
+    if not path.exists():
+        frame = ds.holdout.rows.copy()
+        frame["__label"] = ds.holdout.label
+        for col in ds.holdout.meta.columns:
+            frame[f"__meta_{col}"] = ds.holdout.meta[col].to_numpy()
+        tmp = path.with_suffix(".tmp")
+        frame.to_parquet(tmp, index=False)
+        tmp.replace(path)
+    return path
+
+
+def _model_size_bytes(fitted: Fitted) -> int:
+    if fitted.library == "lightgbm":
+        return len(fitted.booster.model_to_string().encode())
+    return len(fitted.booster.save_raw("ubj"))
+
+
+def _log_figures(ds: Dataset, ev: Evaluated) -> None:
+    names = list(ev.spec.names)
+    curves = {"raw": ev.p_holdout_raw, "calibrated": ev.p_holdout}
+    figures = {
+        "plots/reliability.png": plots.reliability_figure(ds.holdout.label, curves),
+        "plots/feature_importance.png": plots.importance_figure(feature_importance(ev.fitted, names)),
+    }
+    if ds.task == "open":
+        figures["plots/open_rate_by_weekday_hour.png"] = plots.open_heatmap_figure(
+            ds.holdout.meta, ds.holdout.label, ev.p_holdout)
+    else:
+        figures["plots/churn_roc_and_scores.png"] = plots.churn_figure(ds.holdout.label, ev.p_holdout)
+    for path, fig in figures.items():
+        mlflow.log_figure(fig, path)
+        plt.close(fig)
+
+
+def _pip_requirements(library: str) -> list[str]:
+    version = lgb.__version__ if library == "lightgbm" else xgb.__version__
+    package = "lightgbm" if library == "lightgbm" else "xgboost-cpu"
+    return [f"mlflow=={mlflow.__version__}", f"{package}=={version}", f"numpy=={np.__version__}",
+            f"pandas=={pd.__version__}"]
+
+
+def train_task(
+    log_: EventLog,
+    task: str,
+    library: str,
+    cfg: Config,
+    as_of: datetime | None = None,
+    overrides: dict[str, Any] | None = None,
+    register: bool = True,
+    progress: bool = True,
+    dataset: Dataset | None = None,
+    run_name: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> TrainResult:
+    """Train ``library`` for ``task`` on the log up to ``as_of``; log and register it."""
+    configure_tracking(cfg)
+    ds = dataset or build_dataset(log_, task, as_of, cfg, progress=progress)
+    holdout_path = save_holdout(ds, cfg)
+    model_name = cfg.tracking.model_name(task)
+    tags = {"task": task, "library": library, "as_of": ds.as_of.isoformat(),
+            "holdout_digest": ds.holdout_digest(), "holdout_path": str(holdout_path),
+            "events": log_.sources.get("events", ""), **(extra_tags or {})}
+    with mlflow.start_run(run_name=run_name or f"{task}-{library}", tags=tags) as run:
+        mlflow.log_params({"task": task, "library": library, "as_of": ds.as_of.isoformat(),
+                           "slots": cfg.slots.kind, **{f"override.{k}": v for k, v in (overrides or {}).items()}})
+        mlflow.log_dict(cfg.model_dump(mode="json"), "config/resolved_config.json")
+        mlflow.log_dict(ds.snapshots, "config/snapshots.json")
+        ev = fit_and_evaluate(ds, library, cfg, overrides)
+        mlflow.log_params({f"model.{k}": v for k, v in ev.fitted.params.items()
+                           if k not in ("metric", "eval_metric")})
+        ev.metrics["model_size_bytes"] = float(_model_size_bytes(ev.fitted))
+        mlflow.log_metrics(ev.metrics)
+        mlflow.log_dict({"features": list(ev.spec.names)}, "features/feature_list.json")
+        mlflow.log_dict(ev.calibrator, "calibration/calibrator.json")
+        _log_figures(ds, ev)
+        sample = ds.holdout.rows.head(200)
+        x_sample = pd.DataFrame(ev.spec.encode(sample), columns=list(ev.spec.names))
+        signature = infer_signature(x_sample, ev.p_holdout[: len(sample)])
+        metadata = {"task": task, "library": library, "feature_spec": ev.spec.to_dict(),
+                    "calibrator": ev.calibrator, "holdout_digest": ds.holdout_digest(),
+                    "as_of": ds.as_of.isoformat()}
+        flavor = mlflow.lightgbm if library == "lightgbm" else mlflow.xgboost
+        kwargs = {"lgb_model": ev.fitted.booster} if library == "lightgbm" else {"xgb_model": ev.fitted.booster}
+        info = flavor.log_model(
+            name="model", signature=signature, metadata=metadata,
+            pip_requirements=_pip_requirements(library),
+            registered_model_name=model_name if register else None, **kwargs,
+        )
+        version = str(info.registered_model_version) if register else None
+        if version:
+            client = mlflow.MlflowClient()
+            for key, value in (("library", library), ("holdout_digest", ds.holdout_digest()),
+                               ("holdout_log_loss", f"{ev.metrics['holdout_log_loss']:.6f}")):
+                client.set_model_version_tag(model_name, version, key, value)
+        log.info("%s/%s: holdout log loss %.4f, AUC %.4f -> %s version %s", task, library,
+                 ev.metrics["holdout_log_loss"], ev.metrics["holdout_auc"], model_name, version)
+        return TrainResult(task=task, library=library, run_id=run.info.run_id, model_name=model_name,
+                           version=version, metrics=ev.metrics)
