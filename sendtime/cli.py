@@ -314,5 +314,94 @@ def tags(
     typer.echo(frame.to_string(index=False, max_rows=50))
 
 
+@app.command("import")
+@_job
+def import_(
+    source: Path = typer.Option(..., "--source", "-s", help="Your table: a Parquet/CSV file or folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Events file to write (Parquet, the contract's columns)."),
+    user: str = typer.Option(..., "--user", help="Column holding the user id."),
+    time: str = typer.Option(..., "--time", help="Column holding the event time."),
+    event: Optional[str] = typer.Option(None, "--event", help="Column holding event names (send, open, click, purchase, session, unsubscribe)."),
+    event_name: Optional[str] = typer.Option(None, "--event-name", help="One event name for every row, where the table has no event column."),
+    value: Optional[str] = typer.Option(None, "--value", help="Column or SQL expression for the value, e.g. 'Quantity * UnitPrice'."),
+    message_id: Optional[str] = typer.Option(None, "--message-id", help="Column linking opens/clicks to sends."),
+    channel: Optional[str] = typer.Option(None, "--channel", help="Column holding the channel."),
+    where: Optional[str] = typer.Option(None, "--where", help="SQL condition of rows to keep, e.g. \"NOT starts_with(InvoiceNo, 'C')\"."),
+    group_by: Optional[str] = typer.Option(None, "--group-by", help="Collapse rows sharing this column (and user) into one event, summing values."),
+    source_timezone: Optional[str] = typer.Option(None, "--source-timezone", help="Zone of naive times in the source (default UTC)."),
+    quarantine: Optional[Path] = QuarantineOpt,
+) -> None:
+    """Turn your own table into the contract's event log through a column mapping, with validation."""
+    from features.importer import ColumnMapping, import_table
+
+    cfg = _cfg()
+    mapping = ColumnMapping(user=user, time=time, event=event, event_name=event_name, value=value,
+                            message_id=message_id, channel=channel, where=where, group_by=group_by,
+                            source_timezone=source_timezone)
+    s = import_table(source, mapping, out, quarantine, cfg.slots.default_timezone)
+    typer.echo(f"{s.n_source_rows} source rows, {s.n_kept_by_filter} kept by --where, "
+               f"{s.n_quarantined} quarantined -> {s.n_events} events in {s.out}")
+
+
+@app.command()
+@_job
+def tune(
+    task: str = typer.Option(..., "--task", "-t", help="open or churn."),
+    model: str = typer.Option(..., "--model", "-m", help="lightgbm or xgboost."),
+    events: Path = EventsOpt,
+    users: Optional[Path] = UsersOpt,
+    as_of: Optional[str] = AsOfOpt,
+    trials: Optional[int] = typer.Option(None, "--trials", "-n", help="Trials to run now (default tuning.trials); a study resumes where it stopped."),
+) -> None:
+    """Optuna search on the time-split validation set; trials show in MLflow; `train --best-params` uses the result."""
+    from training.datasets import build_dataset
+    from training.tuning import tune as run_tune
+
+    cfg = _cfg()
+    lg = _open(events, users, cfg)
+    ds = build_dataset(lg, task, _as_of(as_of), cfg, progress=not STATE.quiet)
+    study = run_tune(ds, model, cfg, trials, progress=not STATE.quiet)
+    typer.echo(f"study {study.study_name}: {len(study.trials)} trials, best validation log loss "
+               f"{study.best_value:.5f} with {study.best_params}\n"
+               f"train with them: sendtime train --task {task} --model {model} --best-params --events {events}")
+
+
+@app.command()
+@_job
+def compare(
+    task: str = typer.Option(..., "--task", "-t", help="open or churn."),
+    versions: Optional[str] = typer.Option(None, "--versions", help="Comma-separated versions (default: all)."),
+    truth: Optional[Path] = typer.Option(None, "--truth", help="Simulator truth: adds slot capture and log loss vs the oracle."),
+    events: Optional[Path] = typer.Option(None, "--events", help="Events for the truth comparison (default: beside the truth)."),
+    users: Optional[Path] = UsersOpt,
+) -> None:
+    """Candidate versions side by side on the same holdout: log loss, AUC, Brier, ECE, speed, size."""
+    import pandas as pd
+
+    from training.compare import compare_versions
+
+    cfg = _cfg()
+    truth_frame = lg = None
+    if truth is not None:
+        truth_frame = pd.read_parquet(truth)
+        events = events or truth.parent / "events.parquet"
+        users = users or (truth.parent / "users.parquet" if (truth.parent / "users.parquet").exists() else None)
+        lg = _open(events, users, cfg)
+    table = compare_versions(cfg, task, versions.split(",") if versions else None, truth_frame, lg)
+    typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+@app.command()
+@_job
+def demo(
+    data_dir: Path = typer.Option(Path("data/demo"), "--data-dir", help="Where the simulated log and tags go."),
+    users: Optional[int] = typer.Option(None, "--users", help="Simulated users (default simulate.users)."),
+) -> None:
+    """The whole main job on simulated data: simulate, train x4, promote, score, evaluate, serve and query."""
+    from sendtime.demo import run_demo
+
+    run_demo(_cfg(), data_dir, users, STATE.config_path)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,29 @@
+# `make demo` installs everything (uv, the locked environment in .venv) and runs the main
+# job end to end; `make test` runs the tests. Both work on a fresh machine with python3.
+PY ?= python3
+UV := $(PY) -m uv
+VENV := .venv
+export BENTOML_DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+
+.PHONY: install demo test bench ui
+
+$(VENV)/.installed: pyproject.toml uv.lock
+	@$(UV) --version >/dev/null 2>&1 || $(PY) -m pip install --quiet "uv>=0.5,<1"
+	$(UV) sync --frozen --all-extras --python $(PY)
+	@touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/sendtime demo
+
+test: install
+	$(VENV)/bin/python -m pytest
+
+bench: install
+	$(VENV)/bin/python benchmarks/run_all.py
+
+ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000

@@ -1,0 +1,55 @@
+import pandas as pd
+import pytest
+
+from features.events import EventLogError, from_frames, open_log
+from tests.conftest import make_events
+
+
+def test_unknown_event_names_column_count_and_rows():
+    ev = make_events([("a", "2026-01-01", "send"), ("b", "2026-01-01", "opn"), ("c", "2026-01-02", "opn")])
+    with pytest.raises(EventLogError) as err:
+        from_frames(ev)
+    text = str(err.value)
+    assert "column 'event'" in text and "2 row(s)" in text and "'opn'" in text and "row 2" in text
+
+
+def test_missing_required_column_is_named():
+    with pytest.raises(EventLogError, match="missing required column.*'ts'"):
+        from_frames(pd.DataFrame({"user_id": ["a"], "event": ["send"]}))
+
+
+def test_bad_timestamps_and_user_ids_from_csv(tmp_path):
+    path = tmp_path / "e.csv"
+    path.write_text("user_id,ts,event\na,2026-01-01T08:00:00+08:00,send\n,2026-01-01,open\nc,yesterday,open\n")
+    with pytest.raises(EventLogError) as err:
+        open_log(path)
+    text = str(err.value)
+    assert "column 'user_id': 1 row(s)" in text
+    assert "column 'ts': 1 row(s)" in text and "'yesterday'" in text
+
+
+def test_quarantine_moves_bad_rows_aside_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "e.csv"
+    path.write_text("user_id,ts,event\na,2026-01-01T08:00:00+08:00,send\nb,2026-01-01,opn\n")
+    log = open_log(path, quarantine=tmp_path / "bad.parquet")
+    assert log.quarantined_rows == 1
+    bad = pd.read_parquet(tmp_path / "bad.parquet")
+    assert bad["event"].tolist() == ["opn"] and bad["bad_columns"].iloc[0] == "event;"
+    kept = log.query_df("SELECT user_id, ts FROM events")
+    # tz-aware input is normalised to UTC
+    assert kept["user_id"].tolist() == ["a"] and kept["ts"].iloc[0] == pd.Timestamp("2026-01-01 00:00")
+
+
+def test_invalid_timezone_falls_back_to_default_with_a_warning(caplog):
+    ev = make_events([("a", "2026-01-01 00:00", "session")])
+    users = pd.DataFrame({"user_id": ["a"], "timezone": ["Mars/Olympus"]})
+    log = from_frames(ev, users, default_timezone="Asia/Shanghai")
+    assert "Mars/Olympus" in caplog.text
+    local = log.query_df("SELECT local_hour FROM events_local")
+    assert local["local_hour"].tolist() == [8]
+
+
+def test_duplicate_user_rows_rejected():
+    ev = make_events([("a", "2026-01-01", "send")])
+    with pytest.raises(EventLogError, match="appear more than once"):
+        from_frames(ev, pd.DataFrame({"user_id": ["a", "a"]}))

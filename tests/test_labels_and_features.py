@@ -1,0 +1,130 @@
+"""Label definitions and point-in-time correctness of the feature matrix."""
+
+from datetime import datetime
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from features.events import from_frames
+from features.matrix import build_matrix
+from tests.conftest import make_events
+from training.labels import churn_labels, open_labels
+
+
+def test_open_label_by_message_id_within_window(cfg):
+    ev = make_events([
+        ("a", "2026-01-01 08:00", "send", "m1"),
+        ("a", "2026-01-01 09:00", "open", "m1"),      # opened
+        ("a", "2026-01-02 08:00", "send", "m2"),
+        ("a", "2026-01-03 09:00", "open", "m2"),      # 25 h later: outside the window
+        ("a", "2026-01-04 08:00", "send", "m3"),
+        ("a", "2026-01-04 09:00", "open", "m-other"),  # another message's open
+    ])
+    labels = open_labels(from_frames(ev), datetime(2025, 12, 31), datetime(2026, 1, 5),
+                         datetime(2026, 1, 7), cfg)
+    assert labels["opened"].tolist() == [1, 0, 0]
+
+
+def test_open_label_without_message_id_goes_to_latest_send(cfg):
+    ev = make_events([
+        ("a", "2026-01-01 08:00", "send"),
+        ("a", "2026-01-01 12:00", "send"),
+        ("a", "2026-01-01 13:00", "open"),   # before the next send: answers the 12:00 send
+        ("b", "2026-01-01 08:00", "send"),
+        ("b", "2026-01-02 09:00", "open"),   # 25 h: too late
+    ])
+    labels = open_labels(from_frames(ev), datetime(2025, 12, 31), datetime(2026, 1, 3),
+                         datetime(2026, 1, 5), cfg)
+    got = dict(zip(zip(labels["user_id"], labels["ts"].dt.hour), labels["opened"]))
+    assert got == {("a", 8): 0, ("a", 12): 1, ("b", 8): 0}
+
+
+def test_open_labels_refuse_incomplete_windows(cfg):
+    ev = make_events([("a", "2026-01-01 08:00", "send")])
+    with pytest.raises(ValueError, match="incomplete"):
+        open_labels(from_frames(ev), datetime(2025, 12, 31), datetime(2026, 1, 2),
+                    datetime(2026, 1, 2, 12), cfg)
+
+
+def test_churn_label_population_and_horizon(cfg):
+    t = "2026-03-01"
+    ev = make_events([
+        ("stays", "2026-02-20", "session"), ("stays", "2026-03-20", "open"),
+        ("churns", "2026-02-10", "purchase"),
+        ("too_old", "2025-10-01", "session"),                 # outside the 90-day lookback
+        ("late", "2026-02-25", "session"), ("late", "2026-04-15", "session"),  # after the horizon
+        ("only_sends", "2026-02-25", "send"),                 # sends are not engagement
+    ])
+    labels = churn_labels(from_frames(ev), datetime.fromisoformat(t), cfg)
+    assert dict(zip(labels["user_id"], labels["churned"])) == {"stays": 0, "churns": 1, "late": 1}
+
+
+def _random_log(seed: int, n_users: int = 60, days: int = 50) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    start = pd.Timestamp("2026-01-01", tz="UTC")
+    for u in range(n_users):
+        for d in range(days):
+            t = start + pd.Timedelta(days=d, hours=int(rng.integers(0, 24)), minutes=int(rng.integers(0, 60)))
+            rows.append((f"u{u}", t, "send", f"m{u}-{d}"))
+            if rng.random() < 0.3:
+                rows.append((f"u{u}", t + pd.Timedelta(minutes=int(rng.integers(1, 600))), "open",
+                             f"m{u}-{d}" if rng.random() < 0.9 else None))
+            if rng.random() < 0.5:
+                rows.append((f"u{u}", t + pd.Timedelta(hours=int(rng.integers(1, 20))), "session", None))
+            if rng.random() < 0.05:
+                rows.append((f"u{u}", t + pd.Timedelta(hours=2), "purchase", None))
+    frame = pd.DataFrame(rows, columns=["user_id", "ts", "event", "message_id"])
+    frame["value"] = np.where(frame["event"] == "purchase", 20.0, np.nan)
+    return frame
+
+
+def test_matrix_never_looks_past_as_of(cfg):
+    """Events after as_of (even wildly different ones) leave the matrix unchanged."""
+    as_of = datetime(2026, 1, 30, 12)
+    events = _random_log(1)
+    users = pd.DataFrame({"user_id": [f"u{u}" for u in range(60)],
+                          "timezone": ["Asia/Shanghai", "Europe/London", "America/New_York"] * 20})
+    past = events[events["ts"] <= pd.Timestamp(as_of, tz="UTC")]
+    future = _random_log(2)
+    future = future[future["ts"] > pd.Timestamp(as_of, tz="UTC")]
+    m_past, _ = build_matrix(from_frames(past, users), as_of, cfg)
+    m_all, _ = build_matrix(from_frames(pd.concat([past, future, events[events["ts"] > pd.Timestamp(as_of, tz="UTC")]]), users),
+                            as_of, cfg)
+    pd.testing.assert_frame_equal(m_past.scalars, m_all.scalars)
+    for family, values in m_past.slots.items():
+        np.testing.assert_allclose(values, m_all.slots[family], err_msg=family)
+
+
+def test_opens_after_as_of_do_not_reach_features(cfg):
+    ev = make_events([
+        ("a", "2026-01-01 08:00", "send", "m1"),
+        ("a", "2026-01-02 07:00", "open", "m1"),   # opened 23 h later
+    ])
+    before, _ = build_matrix(from_frames(ev), datetime(2026, 1, 2, 6), cfg)
+    after, _ = build_matrix(from_frames(ev), datetime(2026, 1, 2, 8), cfg)
+    assert before.scalars.loc["a", "opens_7d"] == 0 and after.scalars.loc["a", "opens_7d"] == 1
+    assert before.scalars.loc["a", "consecutive_unopened"] == 1
+    assert after.scalars.loc["a", "consecutive_unopened"] == 0
+
+
+def test_slots_are_local_hours(cfg):
+    ev = make_events([("a", "2026-01-01 00:30", "session"), ("b", "2026-01-01 00:30", "session")])
+    users = pd.DataFrame({"user_id": ["a", "b"], "timezone": ["Asia/Shanghai", "America/New_York"]})
+    m, _ = build_matrix(from_frames(ev, users), datetime(2026, 1, 2), cfg)
+    share = m.slots["session_share"]
+    assert share[m.user_ids.get_loc("a")].argmax() == 8
+    assert share[m.user_ids.get_loc("b")].argmax() == 19
+
+
+def test_fatigue_and_recency(cfg):
+    ev = make_events([
+        ("a", "2026-01-09 20:00", "send", "m1"), ("a", "2026-01-10 08:00", "send", "m2"),
+        ("a", "2026-01-10 10:00", "send", "m3"), ("a", "2026-01-05 12:00", "session"),
+    ])
+    m, _ = build_matrix(from_frames(ev), datetime(2026, 1, 10, 12), cfg)
+    row = m.scalars.loc["a"]
+    assert row["sends_last_24h"] == 3 and row["consecutive_unopened"] == 3
+    assert row["days_since_session"] == pytest.approx(5.0)
+    assert np.isnan(row["days_since_open"])

@@ -1,0 +1,73 @@
+"""Nightly refresh: the tag table, atomicity, repeatability and cold start."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from features.events import EventLogError, open_log
+from serving import scoring
+from serving.models import load_champions
+from serving.scoring import refresh_tags
+from serving.tagstore import current_refresh, query_tags
+
+pytestmark = pytest.mark.integration
+
+
+def test_tag_table_has_the_contract_columns(trained):
+    tags = pd.read_parquet(trained["tags"])
+    for col in ("user_id", "slot_open_probs", "best_slot", "best_slot_open_prob", "churn_prob",
+                "churn_tier", "open_model_version", "churn_model_version", "scored_at"):
+        assert col in tags.columns, col
+    probs = np.vstack(tags["slot_open_probs"].to_numpy())
+    assert probs.shape[1] == 24 and ((probs > 0) & (probs < 1)).all()
+    assert (probs.argmax(axis=1) == tags["best_slot"].to_numpy()).all()
+    assert set(tags["churn_tier"]) <= {"low", "medium", "high"}
+    truth = pd.read_parquet(trained["sim"] / "users.parquet")
+    assert set(tags["user_id"]) >= set(truth["user_id"]) - set()  # every known user is scored
+
+
+def test_cold_start_users_get_the_prior(trained):
+    tags = pd.read_parquet(trained["tags"])
+    cold = tags[tags["cold_start"]]
+    assert len(cold) > 0
+    priors = pd.read_parquet(current_refresh(trained["cfg"].serving.serving_dir).priors)
+    prior_rows = {tuple(np.round(p, 5)) for p in priors["slot_open_probs"]}
+    assert all(tuple(np.round(p, 5)) in prior_rows for p in cold["slot_open_probs"])
+
+
+def test_tag_store_is_queryable(trained):
+    frame = query_tags(trained["cfg"].serving.serving_dir,
+                       "SELECT churn_tier, count(*) AS n FROM tags GROUP BY 1")
+    assert frame["n"].sum() == len(pd.read_parquet(trained["tags"]))
+
+
+def test_failed_refresh_leaves_previous_tags(trained, tmp_path, monkeypatch):
+    cfg = trained["cfg"]
+    before = current_refresh(cfg.serving.serving_dir)
+    before_tags = pd.read_parquet(before.tags)
+    out = tmp_path / "tags.parquet"
+    # a bad input part-way: the log fails validation
+    bad = pd.read_parquet(trained["sim"] / "events.parquet").head(100)
+    bad.loc[5, "event"] = "opne"
+    bad.to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(EventLogError):
+        refresh_tags(open_log(tmp_path / "bad.parquet"), cfg, load_champions(cfg), out, progress=False)
+    # a crash while scoring
+    def boom(*args, **kwargs):
+        raise RuntimeError("killed mid-way")
+    monkeypatch.setattr(scoring, "score_matrix", boom)
+    with pytest.raises(RuntimeError, match="killed"):
+        refresh_tags(trained["log"], cfg, load_champions(cfg), out, progress=False)
+    after = current_refresh(cfg.serving.serving_dir)
+    assert after.root == before.root and not out.exists()
+    pd.testing.assert_frame_equal(pd.read_parquet(after.tags), before_tags)
+    assert not list((after.root.parent).glob(".building-*"))
+
+
+def test_rerun_gives_the_same_tags(trained, tmp_path):
+    cfg = trained["cfg"]
+    out = tmp_path / "again.parquet"
+    refresh_tags(trained["log"], cfg, load_champions(cfg), out, progress=False)
+    a = pd.read_parquet(trained["tags"]).drop(columns=["scored_at"])
+    b = pd.read_parquet(out).drop(columns=["scored_at"])
+    pd.testing.assert_frame_equal(a, b)
