@@ -333,13 +333,13 @@ def _valid_zone(zone: str | None) -> bool:
         return False
 
 
-def _finish(con: duckdb.DuckDBPyConnection, default_tz: str) -> None:
+def _finish(con: duckdb.DuckDBPyConnection, default_tz: str, materialize_max_rows: int) -> None:
     con.execute(
         """CREATE OR REPLACE TEMP VIEW events AS
         SELECT user_id, ts, event, message_id, channel, value FROM clean_events"""
     )
     con.execute(
-        f"""CREATE OR REPLACE TEMP VIEW events_local AS
+        f"""CREATE OR REPLACE TEMP VIEW events_local_view AS
         WITH e AS (
             SELECT e.*, coalesce(u.timezone, {_quote(default_tz)}) AS timezone
             FROM events e LEFT JOIN users u USING (user_id)
@@ -349,6 +349,15 @@ def _finish(con: duckdb.DuckDBPyConnection, default_tz: str) -> None:
                isodow(timezone(timezone, CAST(ts AS TIMESTAMPTZ))) - 1 AS local_dow
         FROM e"""
     )
+    n_rows = con.execute("SELECT count(*) FROM clean_events").fetchone()[0]
+    if n_rows <= materialize_max_rows:
+        # a log that fits in memory is read and converted to local time once, not per query
+        con.execute("CREATE OR REPLACE TEMP TABLE events_local_table AS SELECT * FROM events_local_view")
+        con.execute("CREATE OR REPLACE TEMP VIEW events_local AS SELECT * FROM events_local_table")
+        con.execute("""CREATE OR REPLACE TEMP VIEW events AS
+            SELECT user_id, ts, event, message_id, channel, value FROM events_local_table""")
+    else:
+        con.execute("CREATE OR REPLACE TEMP VIEW events_local AS SELECT * FROM events_local_view")
 
 
 def open_log(
@@ -358,6 +367,7 @@ def open_log(
     default_timezone: str = "UTC",
     quarantine: str | Path | None = None,
     threads: int | None = None,
+    materialize_max_rows: int = 40_000_000,
 ) -> EventLog:
     """Open and validate the events (and users) files or folders.
 
@@ -371,7 +381,7 @@ def open_log(
             f"CREATE OR REPLACE TEMP VIEW users_source AS SELECT * FROM {_source_sql(Path(users), 'users')}"
         )
     return _assemble(con, default_timezone, Path(quarantine) if quarantine else None,
-                     {"events": str(events), "users": str(users) if users else ""})
+                     {"events": str(events), "users": str(users) if users else ""}, materialize_max_rows)
 
 
 def from_frames(
@@ -389,16 +399,17 @@ def from_frames(
     if users is not None:
         con.register("users_frame", users)
         con.execute("CREATE OR REPLACE TEMP VIEW users_source AS SELECT * FROM users_frame")
-    return _assemble(con, default_timezone, Path(quarantine) if quarantine else None, {})
+    return _assemble(con, default_timezone, Path(quarantine) if quarantine else None, {}, 40_000_000)
 
 
 def _assemble(
-    con: duckdb.DuckDBPyConnection, default_tz: str, quarantine: Path | None, sources: dict[str, str]
+    con: duckdb.DuckDBPyConnection, default_tz: str, quarantine: Path | None, sources: dict[str, str],
+    materialize_max_rows: int,
 ) -> EventLog:
     _raw_events(con)
     n_bad = _check_events(con, quarantine)
     categorical, numeric = _load_users(con, default_tz)
-    _finish(con, default_tz)
+    _finish(con, default_tz, materialize_max_rows)
     return EventLog(
         con=con,
         default_timezone=default_tz,

@@ -313,10 +313,6 @@ def scalar_features(log: EventLog, as_of: datetime, cfg: Config, user_ids: pd.In
                 f"count(*) FILTER (WHERE event = '{event}' AND ts > {t} - INTERVAL {days} DAY)"
                 f" AS {event}s_{days}d"
             )
-        parts.append(
-            f"count(DISTINCT CAST(ts AS DATE)) FILTER (WHERE event IN ({eng})"
-            f" AND ts > {t} - INTERVAL {days} DAY) AS active_days_{days}d"
-        )
     for hours in f.fatigue_windows_hours:
         parts.append(
             f"count(*) FILTER (WHERE event = 'send' AND ts > {t} - INTERVAL {hours} HOUR)"
@@ -340,6 +336,16 @@ def scalar_features(log: EventLog, as_of: datetime, cfg: Config, user_ids: pd.In
         FROM events WHERE ts <= {t}
         GROUP BY user_id"""
     ).set_index("user_id")
+    # distinct days are costly inside the big aggregate: count them over (user, day) pairs
+    active = log.query_df(
+        f"""SELECT user_id, {', '.join(
+            f"count(*) FILTER (WHERE day > CAST({t} - INTERVAL {d} DAY AS DATE)) AS active_days_{d}d"
+            for d in f.frequency_windows_days)}
+        FROM (SELECT DISTINCT user_id, CAST(ts AS DATE) AS day FROM events
+              WHERE event IN ({eng}) AND ts <= {t} AND ts > {t} - INTERVAL {longest + 1} DAY)
+        GROUP BY user_id"""
+    ).set_index("user_id")
+    frame = frame.join(active, how="left")
     # consecutive unopened: sends since the last send known (at as_of) to be opened
     window_h = cfg.labels.open_attribution_hours
     since = as_of - timedelta(days=f.history_days)

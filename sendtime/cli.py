@@ -93,21 +93,29 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _user_error(exc: BaseException) -> bool:
+    """Errors a user can act on. Imported only when something failed: importing the
+    training and serving modules up front would cost every command seconds."""
+    from features.events import EventLogError
+    from serving.predictor import NoChampionError
+    from training.datasets import TaskNotTrainable
+    from training.registry import PromotionRefused
+
+    return isinstance(exc, (ConfigError, EventLogError, TaskNotTrainable, PromotionRefused,
+                            NoChampionError, FileNotFoundError, ValueError))
+
+
 def _job(func):
     """Turn the errors users can act on into a one-line reason and exit status 1."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from features.events import EventLogError
-        from serving.predictor import NoChampionError
-        from training.datasets import TaskNotTrainable
-        from training.registry import PromotionRefused
-
         try:
             return func(*args, **kwargs)
-        except (ConfigError, EventLogError, TaskNotTrainable, PromotionRefused, NoChampionError,
-                FileNotFoundError, ValueError) as exc:
-            _fail(str(exc))
+        except Exception as exc:
+            if _user_error(exc):
+                _fail(str(exc))
+            raise
 
     return wrapper
 
@@ -127,7 +135,8 @@ def _open(events: Path, users: Optional[Path], cfg: Config, quarantine: Optional
     from features.events import open_log
 
     return open_log(events, users, default_timezone=cfg.slots.default_timezone,
-                    quarantine=quarantine, threads=cfg.models.threads)
+                    quarantine=quarantine, threads=cfg.models.threads,
+                    materialize_max_rows=cfg.features.materialize_max_rows)
 
 
 @app.command()

@@ -76,6 +76,7 @@ class FeatureConfig(_Frozen):
     user_prior_strength: float = Field(gt=0)
     circular_kernel: tuple[float, ...]
     profile_rank: int = Field(ge=0, le=24)
+    materialize_max_rows: int = Field(ge=0)
     max_attribute_levels: int = Field(gt=1)
 
 
@@ -122,13 +123,18 @@ class TuningConfig(_Frozen):
 
 
 class ChurnTiers(_Frozen):
+    mode: Literal["thresholds", "share"]
     medium: float = Field(gt=0, lt=1)
     high: float = Field(gt=0, lt=1)
+    high_share: float = Field(gt=0, lt=1)
+    medium_share: float = Field(gt=0, lt=1)
 
     @model_validator(mode="after")
     def _ordered(self) -> "ChurnTiers":
         if not self.medium < self.high:
             raise ValueError("churn_tiers: medium must be below high")
+        if self.high_share + self.medium_share >= 1:
+            raise ValueError("churn_tiers: high_share + medium_share must be below 1")
         return self
 
 
@@ -141,6 +147,7 @@ class ServingConfig(_Frozen):
     max_window_hours: int = Field(gt=0)
     default_window_hours: int = Field(gt=0)
     score_batch_users: int = Field(gt=0)
+    churn_reasons: int = Field(ge=0, le=10)
     churn_tiers: ChurnTiers
 
 

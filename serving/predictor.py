@@ -61,6 +61,14 @@ class LoadedModel:
     def predict(self, rows: pd.DataFrame) -> np.ndarray:
         return self.predict_array(self.spec.encode(rows))
 
+    def contributions(self, x: np.ndarray) -> np.ndarray:
+        """SHAP contributions to the raw score, (n_rows, n_features + 1), from the library."""
+        if self.library == "lightgbm":
+            return np.asarray(self.booster.predict(x, pred_contrib=True))
+        import xgboost as xgb
+
+        return self.booster.predict(xgb.DMatrix(x, feature_names=list(self.spec.names)), pred_contribs=True)
+
 
 def load_registered_model(tracking_uri: str, name: str, *, alias: str | None = "champion",
                           version: str | int | None = None) -> LoadedModel:

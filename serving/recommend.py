@@ -21,7 +21,7 @@ from features.matrix import UserMatrix
 from sendtime.config import Config
 from serving.models import Champions, load_champions
 from serving.scoring import (_prior_keys, churn_probabilities, churn_tier, prior_for, prior_lookup,
-                             slot_probabilities)
+                             slot_probabilities, tier_cutoffs)
 from serving.tagstore import RefreshPaths, current_refresh
 
 __all__ = ["Recommender", "window_candidates"]
@@ -106,7 +106,8 @@ class Recommender:
                         slot_probs[i] = prior["slot_open_probs"]
                     if prior["churn_prob"] is not None and not pd.isna(prior["churn_prob"]):
                         churn[i] = prior["churn_prob"]
-        tiers = churn_tier(churn, self.cfg)
+        cutoffs = self.manifest.get("churn_tier_cutoffs") or tier_cutoffs(None, self.cfg)
+        tiers = churn_tier(churn, cutoffs)
         versions = self.champions.versions()
         results = []
         for i, user_id in enumerate(user_ids):

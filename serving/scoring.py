@@ -23,13 +23,14 @@ from sendtime.config import Config
 from serving.models import Champions
 from serving.tagstore import RefreshPaths, new_refresh_dir, publish_refresh, write_store
 
-__all__ = ["slot_probabilities", "churn_probabilities", "churn_tier", "cold_start_priors",
+__all__ = ["slot_probabilities", "churn_probabilities", "churn_tier", "tier_cutoffs", "cold_start_priors",
            "score_matrix", "refresh_tags", "RefreshResult", "TAG_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
 TAG_COLUMNS = ["user_id", "slot_open_probs", "best_slot", "best_slot_open_prob", "churn_prob",
-               "churn_tier", "open_model_version", "churn_model_version", "scored_at", "cold_start"]
+               "churn_tier", "churn_reasons", "open_model_version", "churn_model_version", "scored_at",
+               "cold_start"]
 _MIN_PRIOR_USERS = 30
 
 
@@ -44,10 +45,28 @@ def churn_probabilities(champions: Champions, matrix: UserMatrix, positions: np.
     return champions.churn.predict(churn_rows(matrix.subset(np.asarray(positions))))
 
 
-def churn_tier(prob: np.ndarray, cfg: Config) -> np.ndarray:
+def tier_cutoffs(prob: np.ndarray | None, cfg: Config) -> dict[str, float]:
+    """Churn-probability cut-offs: configured, or set so that configured shares of the
+    scored users land in each tier."""
     tiers = cfg.serving.churn_tiers
-    out = np.where(prob >= tiers.high, "high", np.where(prob >= tiers.medium, "medium", "low"))
-    return np.where(np.isnan(prob), None, out)
+    if tiers.mode == "thresholds" or prob is None or np.isnan(prob).all():
+        return {"medium": tiers.medium, "high": tiers.high}
+    valid = prob[~np.isnan(prob)]
+    return {"high": float(np.quantile(valid, 1 - tiers.high_share)),
+            "medium": float(np.quantile(valid, 1 - tiers.high_share - tiers.medium_share))}
+
+
+def churn_tier(prob: np.ndarray, cutoffs: dict[str, float]) -> np.ndarray:
+    prob = np.asarray(prob, dtype=float)
+    out = np.where(prob >= cutoffs["high"], "high", np.where(prob >= cutoffs["medium"], "medium", "low"))
+    return np.where(np.isnan(prob), None, out).astype(object)
+
+
+def churn_reasons(champions: Champions, matrix: UserMatrix, positions: np.ndarray, k: int) -> list[list[str]]:
+    from serving.reasons import top_reasons
+
+    x = champions.churn.spec.encode(churn_rows(matrix.subset(np.asarray(positions))))
+    return top_reasons(champions.churn.contributions(x), x, list(champions.churn.spec.names), k)
 
 
 def _prior_keys(frame: pd.DataFrame, attributes: tuple[str, ...]) -> tuple[pd.Series, pd.Series]:
@@ -99,6 +118,9 @@ def score_matrix(matrix: UserMatrix, champions: Champions, cfg: Config, scored_a
     batch = cfg.serving.score_batch_users
     slot_probs = np.full((n, n_slots), np.nan, dtype=np.float32) if champions.open else None
     churn = np.full(n, np.nan) if champions.churn else None
+    k = cfg.serving.churn_reasons
+    reasons: list = [None] * n
+    cold = matrix.scalars["has_history"].to_numpy() == 0
     starts = range(0, n, batch)
     for start in tqdm(starts, desc="scoring users", unit="batch", disable=not progress):
         pos = np.arange(start, min(start + batch, n))
@@ -106,8 +128,11 @@ def score_matrix(matrix: UserMatrix, champions: Champions, cfg: Config, scored_a
             slot_probs[pos] = slot_probabilities(champions, matrix, pos)
         if champions.churn:
             churn[pos] = churn_probabilities(champions, matrix, pos)
+            warm = pos[~cold[pos]]
+            if k and len(warm):
+                for i, r in zip(warm, churn_reasons(champions, matrix, warm, k)):
+                    reasons[i] = r
     priors = cold_start_priors(matrix.scalars, matrix.attributes, slot_probs, churn)
-    cold = matrix.scalars["has_history"].to_numpy() == 0
     if cold.any():
         lookup = prior_lookup(priors)
         full, tz = _prior_keys(matrix.scalars, matrix.attributes)
@@ -124,14 +149,16 @@ def score_matrix(matrix: UserMatrix, champions: Champions, cfg: Config, scored_a
     if slot_probs is not None:
         best = slot_probs.argmax(axis=1)
         tags["slot_open_probs"] = list(slot_probs.astype(float))
-        tags["best_slot"] = best.astype("Int64")
+        tags["best_slot"] = pd.array(best, dtype="Int64")
         tags["best_slot_open_prob"] = slot_probs[np.arange(n), best].astype(float)
     else:
         tags["slot_open_probs"] = None
         tags["best_slot"] = pd.array([None] * n, dtype="Int64")
         tags["best_slot_open_prob"] = np.nan
     tags["churn_prob"] = churn if churn is not None else np.nan
-    tags["churn_tier"] = churn_tier(tags["churn_prob"].to_numpy(), cfg)
+    cutoffs = tier_cutoffs(churn, cfg)
+    tags["churn_tier"] = churn_tier(tags["churn_prob"].to_numpy(), cutoffs)
+    tags["churn_reasons"] = reasons
     tags["open_model_version"] = versions["open"]
     tags["churn_model_version"] = versions["churn"]
     tags["scored_at"] = pd.Timestamp(scored_at).tz_localize("UTC") if scored_at.tzinfo is None else pd.Timestamp(scored_at)
@@ -143,6 +170,7 @@ def _tags_table(tags: pd.DataFrame, n_slots: int) -> pa.Table:
     schema = pa.schema([
         ("user_id", pa.string()), ("slot_open_probs", pa.list_(pa.float32())), ("best_slot", pa.int32()),
         ("best_slot_open_prob", pa.float64()), ("churn_prob", pa.float64()), ("churn_tier", pa.string()),
+        ("churn_reasons", pa.list_(pa.string())),
         ("open_model_version", pa.string()), ("churn_model_version", pa.string()),
         ("scored_at", pa.timestamp("us", tz="UTC")), ("cold_start", pa.bool_()),
     ])
@@ -189,6 +217,7 @@ def refresh_tags(log_: EventLog, cfg: Config, champions: Champions, out: Path | 
             "n_users": len(tags), "n_cold_start": int(tags["cold_start"].sum()),
             "n_slots": matrix.n_slots, "slot_kind": cfg.slots.kind,
             "attributes": list(matrix.attributes), "model_versions": champions.versions(),
+            "churn_tier_cutoffs": tier_cutoffs(tags["churn_prob"].to_numpy(float), cfg),
             "missing_tasks": champions.missing, "events": log_.sources.get("events", ""),
         }
         write_store(building, tags, priors, manifest)
