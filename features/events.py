@@ -69,11 +69,11 @@ class EventLog:
         return self.con.execute(sql, params or []).df()
 
     def max_ts(self) -> datetime | None:
-        value = self.con.execute("SELECT max(ts) FROM events").fetchone()[0]
+        value = self.con.execute("SELECT max(ts) FROM events").fetchall()[0][0]
         return value
 
     def min_ts(self) -> datetime | None:
-        return self.con.execute("SELECT min(ts) FROM events").fetchone()[0]
+        return self.con.execute("SELECT min(ts) FROM events").fetchall()[0][0]
 
     def event_counts(self) -> dict[str, int]:
         rows = self.con.execute("SELECT event, count(*) FROM events GROUP BY 1").fetchall()
@@ -209,7 +209,7 @@ def _check_events(con: duckdb.DuckDBPyConnection, quarantine: Path | None) -> in
     counts = con.execute(
         "SELECT " + ", ".join(f"count(*) FILTER (WHERE {c})" for c in conditions.values())
         + " FROM raw_events"
-    ).fetchone()
+    ).fetchall()[0]
     problems = []
     for (col, (_, text, shown)), n in zip(_EVENT_CHECKS.items(), counts):
         if not n:
@@ -225,7 +225,7 @@ def _check_events(con: duckdb.DuckDBPyConnection, quarantine: Path | None) -> in
     if not problems:
         con.execute("CREATE OR REPLACE TEMP VIEW clean_events AS SELECT * FROM raw_events")
         return 0
-    n_bad = con.execute(f"SELECT count(*) FROM raw_events WHERE {any_bad}").fetchone()[0]
+    n_bad = con.execute(f"SELECT count(*) FROM raw_events WHERE {any_bad}").fetchall()[0][0]
     if quarantine is None:
         raise EventLogError(
             "events: invalid rows.\n  " + "\n  ".join(problems)
@@ -249,7 +249,7 @@ def _load_users(con: duckdb.DuckDBPyConnection, default_tz: str) -> tuple[tuple[
     """Register the ``users`` view; returns (categorical, numeric) attribute columns."""
     if con.execute(
         "SELECT count(*) FROM duckdb_views() WHERE view_name = 'users_source'"
-    ).fetchone()[0] == 0:
+    ).fetchall()[0][0] == 0:
         con.execute(
             "CREATE OR REPLACE TEMP VIEW users_source AS SELECT CAST(NULL AS VARCHAR) AS user_id WHERE false"
         )
@@ -258,7 +258,7 @@ def _load_users(con: duckdb.DuckDBPyConnection, default_tz: str) -> tuple[tuple[
         raise EventLogError(f"users: missing required column 'user_id'; found {', '.join(map(repr, cols))}")
     n_missing = con.execute(
         "SELECT count(*) FROM users_source WHERE user_id IS NULL OR trim(CAST(user_id AS VARCHAR)) = ''"
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     if n_missing:
         raise EventLogError(f"users: column 'user_id': {n_missing} row(s) have a missing or empty user id")
     dupes = con.execute(
@@ -267,7 +267,7 @@ def _load_users(con: duckdb.DuckDBPyConnection, default_tz: str) -> tuple[tuple[
     if dupes:
         n = con.execute(
             "SELECT count(*) FROM (SELECT user_id FROM users_source GROUP BY 1 HAVING count(*) > 1)"
-        ).fetchone()[0]
+        ).fetchall()[0][0]
         raise EventLogError(
             f"users: column 'user_id': {n} id(s) appear more than once. First: "
             + ", ".join(f"{u!r} x{c}" for u, c in dupes)
@@ -281,7 +281,7 @@ def _load_users(con: duckdb.DuckDBPyConnection, default_tz: str) -> tuple[tuple[
             n_bad = con.execute(
                 "SELECT count(*) FROM users_source WHERE CAST(timezone AS VARCHAR) IN (SELECT unnest(?))",
                 [bad],
-            ).fetchone()[0]
+            ).fetchall()[0][0]
             log.warning(
                 "users: column 'timezone': %d row(s) have an unknown time zone (first: %s); "
                 "using the default %s for them", n_bad, ", ".join(map(repr, bad[:5])), default_tz,
@@ -349,7 +349,7 @@ def _finish(con: duckdb.DuckDBPyConnection, default_tz: str, materialize_max_row
                isodow(timezone(timezone, CAST(ts AS TIMESTAMPTZ))) - 1 AS local_dow
         FROM e"""
     )
-    n_rows = con.execute("SELECT count(*) FROM clean_events").fetchone()[0]
+    n_rows = con.execute("SELECT count(*) FROM clean_events").fetchall()[0][0]
     if n_rows <= materialize_max_rows:
         # a log that fits in memory is read and converted to local time once, not per query
         con.execute("CREATE OR REPLACE TEMP TABLE events_local_table AS SELECT * FROM events_local_view")

@@ -86,10 +86,10 @@ def import_table(source: str | Path, mapping: ColumnMapping, out: str | Path,
     con.execute(f"CREATE TEMP VIEW src AS SELECT * FROM {_source_sql(Path(source), 'source')}")
     cols = _columns(con, "src")
     mapping.check(cols)
-    n_source = con.execute("SELECT count(*) FROM src").fetchone()[0]
+    n_source = con.execute("SELECT count(*) FROM src").fetchall()[0][0]
     where = f"WHERE {mapping.where}" if mapping.where else ""
     try:
-        n_kept = con.execute(f"SELECT count(*) FROM src {where}").fetchone()[0]
+        n_kept = con.execute(f"SELECT count(*) FROM src {where}").fetchall()[0][0]
     except duckdb.Error as exc:
         raise EventLogError(f"mapping: --where {mapping.where!r} is not a valid condition: {exc}") from exc
     user = _user_expr(mapping.user, cols[mapping.user])
@@ -119,7 +119,7 @@ def import_table(source: str | Path, mapping: ColumnMapping, out: str | Path,
     try:
         # source rows were checked above; anything left failing here is a mapping bug: fail loudly
         checked = open_log(staging, default_timezone=default_timezone)
-        n_events = checked.con.execute("SELECT count(*) FROM events").fetchone()[0]
+        n_events = checked.con.execute("SELECT count(*) FROM events").fetchall()[0][0]
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         checked.con.execute(f"COPY (SELECT * FROM events ORDER BY user_id, ts) TO {_quote(str(tmp))} (FORMAT parquet)")
         os.replace(tmp, out)
@@ -148,7 +148,7 @@ def _check_source(con: duckdb.DuckDBPyConnection, mapping: ColumnMapping, user: 
     scope = where or "WHERE true"
     problems, any_bad = [], " OR ".join(f"({c})" for c in checks.values())
     for column, cond in checks.items():
-        n = con.execute(f"SELECT count(*) FROM src_located {scope} AND ({cond})").fetchone()[0]
+        n = con.execute(f"SELECT count(*) FROM src_located {scope} AND ({cond})").fetchall()[0][0]
         if n:
             sample = con.execute(
                 f"SELECT _source_row, {_ident(column)} FROM src_located {scope} AND ({cond}) LIMIT 5").fetchall()
@@ -161,6 +161,6 @@ def _check_source(con: duckdb.DuckDBPyConnection, mapping: ColumnMapping, user: 
                             + "\nFix the source, or pass --quarantine FILE to move the bad rows aside.")
     Path(quarantine).parent.mkdir(parents=True, exist_ok=True)
     con.execute(f"COPY (SELECT * FROM src_located {scope} AND ({any_bad})) TO {_quote(str(quarantine))} (FORMAT parquet)")
-    n_bad = con.execute(f"SELECT count(*) FROM src_located {scope} AND ({any_bad})").fetchone()[0]
+    n_bad = con.execute(f"SELECT count(*) FROM src_located {scope} AND ({any_bad})").fetchall()[0][0]
     log.warning("import: %d source row(s) moved to %s:\n  %s", n_bad, quarantine, "\n  ".join(problems))
     return any_bad, int(n_bad)

@@ -125,7 +125,8 @@ class _Chunk:
                                  * rng.lognormal(0, 0.15, n), 0.02, 1.0)
         self.activity = sim.sessions_per_day * _SEGMENT_SESSIONS[self.segment] * rng.lognormal(0, 0.4, n)
         fades = rng.random(n) < sim.fade_share
-        self.fade_start = np.where(fades, rng.uniform(days - 40, days + 40, n), np.inf)
+        # fading starts any time, so every snapshot (not only the last) sees users on their way out
+        self.fade_start = np.where(fades, rng.uniform(-20, days + 60, n), np.inf)
         self.fade_tau = 2.0 + rng.exponential(sim.fade_days_mean, n)
         # cold start: new in the last week; half of them have done nothing yet
         cold = rng.random(n) < sim.cold_start_share
