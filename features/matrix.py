@@ -13,6 +13,7 @@ that user-partitioned chunks (the Dask path) only need the priors exchanged.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -34,7 +35,7 @@ __all__ = [
     "scalar_features",
 ]
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # per-slot feature families, each an (n_users, n_slots) array
 SLOT_FAMILIES: tuple[str, ...] = (
@@ -64,6 +65,7 @@ class SlotCounts:
     opened: np.ndarray
     sessions: np.ndarray
     opens_at: np.ndarray
+    purchases_at: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -188,9 +190,10 @@ def slot_counts(log: EventLog, as_of: datetime, cfg: Config, user_ids: pd.Index)
     acts = log.query_df(
         f"""SELECT user_id, {slot_expr(cfg.slots.kind)} AS slot,
                count(*) FILTER (WHERE event = 'session') AS sessions,
-               count(*) FILTER (WHERE event = 'open') AS opens_at
+               count(*) FILTER (WHERE event = 'open') AS opens_at,
+               count(*) FILTER (WHERE event = 'purchase') AS purchases_at
         FROM events_local
-        WHERE event IN ('session', 'open') AND ts > {_ts(since)} AND ts <= {_ts(as_of)}
+        WHERE event IN ('session', 'open', 'purchase') AND ts > {_ts(since)} AND ts <= {_ts(as_of)}
         GROUP BY ALL"""
     )
     shape = (len(user_ids), n_slots)
@@ -210,12 +213,14 @@ def slot_counts(log: EventLog, as_of: datetime, cfg: Config, user_ids: pd.Index)
         opened=dense(sends, "k"),
         sessions=dense(acts, "sessions"),
         opens_at=dense(acts, "opens_at"),
+        purchases_at=dense(acts, "purchases_at"),
     )
 
 
 def _engagement_profile(counts: SlotCounts) -> np.ndarray:
     """Log share of engagement per slot, with a flat pseudo-count so empty users are flat."""
-    activity = counts.sessions + counts.opens_at + 2.0 * counts.opened
+    # purchases count too: a purchases-only log (retail) still has active hours
+    activity = counts.sessions + counts.opens_at + 2.0 * counts.opened + counts.purchases_at
     n_slots = activity.shape[1]
     share = (activity + 1.0 / n_slots * 4.0) / (activity.sum(axis=1, keepdims=True) + 4.0)
     return np.log(share * n_slots)
@@ -393,13 +398,25 @@ def build_matrix(
 
     ``priors`` come from the population; pass them when building a chunk of users.
     """
+    clock = time.perf_counter()
+
+    def stage(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        logger.debug("features as of %s: %s in %.1f s", as_of, name, now - clock)
+        clock = now
+
     universe = user_universe(log, as_of, user_ids)
     ids = universe.index
+    stage(f"{len(ids)} users")
     counts = slot_counts(log, as_of, cfg, ids)
+    stage("per-slot counts")
     if priors is None:
         priors = population_priors(counts, cfg)
     families, user_rate = slot_features(counts, priors, cfg)
+    stage("per-slot pooling")
     scalars = scalar_features(log, as_of, cfg, ids)
+    stage("recency, frequency, fatigue, trends")
     scalars["user_open_rate"] = user_rate
     scalars["utc_offset_hours"] = _utc_offset_hours(universe["timezone"], as_of)
     signup = pd.to_datetime(universe["signup_ts"])

@@ -286,6 +286,22 @@ def evaluate(
         json_out.write_text(report.table.to_json(orient="records", indent=2))
 
 
+@app.command("active-hours")
+@_job
+def active_hours(
+    events: Path = EventsOpt,
+    users: Optional[Path] = UsersOpt,
+    as_of: Optional[str] = typer.Option(None, "--as-of", help="Cut-off (default: 30 days before the last event)."),
+    top_k: int = typer.Option(3, "--top-k", help="How many hours count as a customer's active hours."),
+) -> None:
+    """Logs without opens: predicted active hours as of T beside actual purchase hours in the month after."""
+    from training.evaluation import active_hours_report
+
+    cfg = _cfg()
+    report = active_hours_report(_open(events, users, cfg), cfg, _as_of(as_of), top_k=top_k)
+    typer.echo(report.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
 @app.command()
 @_job
 def serve(

@@ -148,6 +148,7 @@ class ServingConfig(_Frozen):
     default_window_hours: int = Field(gt=0)
     score_batch_users: int = Field(gt=0)
     churn_reasons: int = Field(ge=0, le=10)
+    churn_reasons_min_tier: Literal["low", "medium", "high"]
     churn_tiers: ChurnTiers
 
 

@@ -128,10 +128,6 @@ def score_matrix(matrix: UserMatrix, champions: Champions, cfg: Config, scored_a
             slot_probs[pos] = slot_probabilities(champions, matrix, pos)
         if champions.churn:
             churn[pos] = churn_probabilities(champions, matrix, pos)
-            warm = pos[~cold[pos]]
-            if k and len(warm):
-                for i, r in zip(warm, churn_reasons(champions, matrix, warm, k)):
-                    reasons[i] = r
     priors = cold_start_priors(matrix.scalars, matrix.attributes, slot_probs, churn)
     if cold.any():
         lookup = prior_lookup(priors)
@@ -158,6 +154,16 @@ def score_matrix(matrix: UserMatrix, champions: Champions, cfg: Config, scored_a
     tags["churn_prob"] = churn if churn is not None else np.nan
     cutoffs = tier_cutoffs(churn, cfg)
     tags["churn_tier"] = churn_tier(tags["churn_prob"].to_numpy(), cutoffs)
+    if champions.churn and k:
+        # SHAP costs ~3 ms a user: explain the users someone will act on, not everyone
+        wanted = {"high": ("high",), "medium": ("high", "medium"), "low": ("high", "medium", "low")}
+        explain = np.flatnonzero(tags["churn_tier"].isin(wanted[cfg.serving.churn_reasons_min_tier]).to_numpy()
+                                 & ~cold)
+        for start in tqdm(range(0, len(explain), batch), desc="explaining churn risk", unit="batch",
+                          disable=not progress or not len(explain)):
+            part = explain[start:start + batch]
+            for i, r in zip(part, churn_reasons(champions, matrix, part, k)):
+                reasons[i] = r
     tags["churn_reasons"] = reasons
     tags["open_model_version"] = versions["open"]
     tags["churn_model_version"] = versions["churn"]
@@ -205,7 +211,9 @@ def refresh_tags(log_: EventLog, cfg: Config, champions: Champions, out: Path | 
     serving_dir = Path(cfg.serving.serving_dir)
     building, refresh_id = new_refresh_dir(serving_dir)
     try:
+        log.info("building features of every user as of %s", as_of)
         matrix, _ = build_matrix(log_, as_of, cfg)
+        log.info("features ready: %d users; scoring %d slots each", len(matrix), matrix.n_slots)
         scored_at = datetime.now(timezone.utc)
         tags, priors = score_matrix(matrix, champions, cfg, scored_at, progress)
         table = _tags_table(tags, matrix.n_slots)
