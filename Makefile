@@ -23,7 +23,8 @@ test: install
 	$(VENV)/bin/python -m pytest
 
 bench: install
-	$(VENV)/bin/python benchmarks/run_all.py
+	$(VENV)/bin/python benchmarks/bench_pipeline.py --users 100000
+	$(VENV)/bin/python benchmarks/bench_recommend.py
 
 ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000

@@ -52,7 +52,7 @@ def test_promote_picks_best_and_gate_and_rollback(trained):
     versions = {r.library: r for (t, _), r in trained["results"].items() if t == "open"}
     best = min(versions.values(), key=lambda r: r.metrics["holdout_log_loss"])
     worst = max(versions.values(), key=lambda r: r.metrics["holdout_log_loss"])
-    assert client.get_model_version_by_alias(name, "champion").version == best.version
+    assert str(client.get_model_version_by_alias(name, "champion").version) == best.version
     gap = worst.metrics["holdout_log_loss"] / best.metrics["holdout_log_loss"] - 1
     if gap > cfg.tracking.gate_relative_margin:
         with pytest.raises(PromotionRefused, match="worse than champion"):
@@ -61,7 +61,7 @@ def test_promote_picks_best_and_gate_and_rollback(trained):
     assert forced.version == worst.version and forced.previous == best.version
     back = rollback_champion(cfg, "open")
     assert back.version == best.version
-    assert client.get_model_version_by_alias(name, "champion").version == best.version
+    assert str(client.get_model_version_by_alias(name, "champion").version) == best.version
 
 
 def test_open_task_refused_on_purchase_only_logs(cfg):

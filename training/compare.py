@@ -35,7 +35,7 @@ def compare_versions(cfg: Config, task: str, versions: list[str] | None = None,
     registered = list_versions(client, name)
     if not registered:
         raise ValueError(f"no versions of {name!r} registered yet")
-    chosen = [v for v in registered if versions is None or v.version in versions]
+    chosen = [v for v in registered if versions is None or str(v.version) in {str(x) for x in versions}]
     if not chosen:
         raise ValueError(f"none of the versions {versions} exist for {name!r}")
     newest_run = client.get_run(registered[-1].run_id)
@@ -46,6 +46,7 @@ def compare_versions(cfg: Config, task: str, versions: list[str] | None = None,
     champion = None
     try:
         champion = client.get_model_version_by_alias(name, cfg.tracking.champion_alias).version
+        champion = str(champion)
     except Exception:
         pass
     matrix = p_true = None
@@ -65,10 +66,10 @@ def compare_versions(cfg: Config, task: str, versions: list[str] | None = None,
         seconds = time.perf_counter() - start
         metrics = binary_metrics(label, p, cfg.datasets.calibration_bins)
         record = {
-            "version": mv.version,
+            "version": str(mv.version),
             "library": model.library,
             "tuned": run.data.tags.get("tuned", "false"),
-            "champion": "yes" if mv.version == champion else "",
+            "champion": "yes" if str(mv.version) == champion else "",
             "log_loss": metrics["log_loss"], "auc": metrics["auc"], "brier": metrics["brier"],
             "ece": metrics["ece"],
             "train_s": run.data.metrics.get("train_seconds", np.nan),

@@ -56,6 +56,11 @@ def list_versions(client: MlflowClient, name: str) -> list:
     return sorted(versions, key=lambda v: int(v.version))
 
 
+def version_of(mv) -> str:
+    """MLflow returns the version number as an int or a str depending on the call; use str."""
+    return str(mv.version)
+
+
 def evaluate_version(cfg: Config, name: str, version: str, holdout_path: str | Path) -> dict[str, float]:
     """Metrics of one registered version on a saved holdout."""
     model = load_registered_model(cfg.tracking.resolved_uri(), name, version=version)
@@ -70,7 +75,7 @@ def _holdout_log_loss(client: MlflowClient, mv) -> float:
 
 def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
     try:
-        return client.get_model_version_by_alias(name, alias).version
+        return version_of(client.get_model_version_by_alias(name, alias))
     except MlflowException:
         return None
 
@@ -94,33 +99,33 @@ def promote_champion(cfg: Config, task: str, version: str | int | None = None,
         candidate = min(same, key=lambda v: _holdout_log_loss(client, v))
         reason = f"best holdout log loss among {len(same)} version(s) on the newest holdout"
     else:
-        matches = [v for v in versions if v.version == str(version)]
+        matches = [v for v in versions if version_of(v) == str(version)]
         if not matches:
             raise PromotionRefused(f"{name!r} has no version {version}; it has "
-                                   + ", ".join(v.version for v in versions))
+                                   + ", ".join(version_of(v) for v in versions))
         candidate, reason = matches[0], "asked for by number"
     alias, previous_alias = cfg.tracking.champion_alias, cfg.tracking.previous_alias
     current = _alias_version(client, name, alias)
-    if current == candidate.version:
-        return Promotion(task, name, candidate.version, current, f"version {current} is already {alias}")
+    if current == version_of(candidate):
+        return Promotion(task, name, version_of(candidate), current, f"version {current} is already {alias}")
     if current is not None:
         holdout = client.get_run(candidate.run_id).data.tags.get("holdout_path")
         if holdout and Path(holdout).exists():
-            cand = evaluate_version(cfg, name, candidate.version, holdout)["log_loss"]
+            cand = evaluate_version(cfg, name, version_of(candidate), holdout)["log_loss"]
             champ = evaluate_version(cfg, name, current, holdout)["log_loss"]
             margin = cfg.tracking.gate_relative_margin
-            verdict = (f"on holdout {Path(holdout).name}: candidate v{candidate.version} log loss "
+            verdict = (f"on holdout {Path(holdout).name}: candidate v{version_of(candidate)} log loss "
                        f"{cand:.5f}, champion v{current} {champ:.5f}")
             if cand > champ * (1 + margin) and not force:
                 raise PromotionRefused(
-                    f"version {candidate.version} is worse than champion {current} by more than "
+                    f"version {version_of(candidate)} is worse than champion {current} by more than "
                     f"{margin:.1%} {verdict}; pass --force to promote it anyway")
             reason += f"; gate passed {verdict}" if cand <= champ * (1 + margin) else f"; forced {verdict}"
         elif not force:
             log.warning("the candidate's holdout is missing; the champion gate cannot compare them")
         client.set_registered_model_alias(name, previous_alias, current)
-    client.set_registered_model_alias(name, alias, candidate.version)
-    return Promotion(task, name, candidate.version, current, reason)
+    client.set_registered_model_alias(name, alias, version_of(candidate))
+    return Promotion(task, name, version_of(candidate), current, reason)
 
 
 def rollback_champion(cfg: Config, task: str) -> Promotion:
