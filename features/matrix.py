@@ -49,6 +49,10 @@ SLOT_FAMILIES: tuple[str, ...] = (
     "profile",          # low-rank reconstruction of the engagement profile (pooled across users)
     "profile_rate",     # user rate x population slot shape x exp(profile deviation)
     "rate_rank",        # rank of circ_rate within the user (0 = best slot)
+    "session_circ",     # share of sessions after wide circular smoothing, x n_slots
+    "session_rank",     # rank of session_circ within the user (0 = busiest slot)
+    "pooled_rate",      # circ_rate x session_circ: the user's open rate shaped by app use
+    "pooled_rank",      # rank of pooled_rate within the user
 )
 
 
@@ -263,6 +267,11 @@ def _circular(values: np.ndarray, kernel: tuple[float, ...]) -> np.ndarray:
     return out
 
 
+def _rank(values: np.ndarray) -> np.ndarray:
+    """0 for the user's highest slot, 1 for the next, ..."""
+    return np.argsort(np.argsort(-values, axis=1), axis=1).astype(float)
+
+
 def slot_features(counts: SlotCounts, priors: PopulationPriors, cfg: Config) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Derived per-slot families and each user's shrunk overall open rate."""
     f = cfg.features
@@ -291,6 +300,12 @@ def slot_features(counts: SlotCounts, priors: PopulationPriors, cfg: Config) -> 
         recon = np.broadcast_to(priors.profile_mean, profile.shape).copy()
     profile_rate = np.clip(prior * np.exp(recon - priors.profile_mean), 1e-4, 0.999)
     rate_rank = np.argsort(np.argsort(-circ_rate, axis=1), axis=1)
+    wide = f.session_kernel
+    circ_sess = _circular(counts.sessions + counts.purchases_at, wide)
+    session_circ = (circ_sess + 1e-3) / (circ_sess.sum(axis=1, keepdims=True) + 1e-3 * n_slots) * n_slots
+    wide_rate = (_circular(counts.opened, wide) + f.slot_prior_strength * prior) / (
+        _circular(counts.sends, wide) + f.slot_prior_strength)
+    pooled_rate = wide_rate * session_circ
     families = {
         "sends": counts.sends,
         "opened": counts.opened,
@@ -302,6 +317,10 @@ def slot_features(counts: SlotCounts, priors: PopulationPriors, cfg: Config) -> 
         "profile": recon,
         "profile_rate": profile_rate,
         "rate_rank": rate_rank.astype(float),
+        "session_circ": session_circ,
+        "session_rank": _rank(session_circ),
+        "pooled_rate": pooled_rate,
+        "pooled_rank": _rank(pooled_rate),
     }
     return {k: v.astype(np.float32) for k, v in families.items()}, user_rate[:, 0]
 

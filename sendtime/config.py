@@ -75,6 +75,7 @@ class FeatureConfig(_Frozen):
     slot_prior_strength: float = Field(gt=0)
     user_prior_strength: float = Field(gt=0)
     circular_kernel: tuple[float, ...]
+    session_kernel: tuple[float, ...]
     profile_rank: int = Field(ge=0, le=24)
     materialize_max_rows: int = Field(ge=0)
     max_attribute_levels: int = Field(gt=1)
