@@ -219,6 +219,9 @@ def train(
     typer.echo(f"{task}/{model}: holdout AUC {m['holdout_auc']:.4f}, log loss {m['holdout_log_loss']:.4f}, "
                f"Brier {m['holdout_brier']:.4f}, ECE {m['holdout_ece']:.4f}; run {result.run_id}"
                + (f"; registered {result.model_name} version {result.version}" if result.version else ""))
+    if "holdout_baseline_recency_auc" in m:
+        typer.echo(f"  same holdout, no model: AUC by recency alone {m['holdout_baseline_recency_auc']:.4f}, "
+                   f"by frequency alone {m['holdout_baseline_frequency_auc']:.4f}")
 
 
 @app.command()

@@ -78,3 +78,4 @@ def test_online_retail_imports_and_trains_churn(tmp_path, monkeypatch):
     cfg = load_config()
     result = train_task(open_log(tmp_path / "events.parquet"), "churn", "lightgbm", cfg, progress=False)
     assert result.metrics["holdout_auc"] > 0.65
+    assert result.metrics["holdout_auc"] > result.metrics["holdout_baseline_frequency_auc"]

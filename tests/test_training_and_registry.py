@@ -43,6 +43,9 @@ def test_runs_logged_with_metrics_plots_and_versions(trained):
     # models beat the base rate on the time holdout
     for (task, _), result in trained["results"].items():
         assert result.metrics["holdout_auc"] > 0.6, (task, result.metrics["holdout_auc"])
+        if task == "churn":   # the one-number rules are measured on the same holdout rows
+            assert 0.5 < result.metrics["holdout_baseline_recency_auc"] < 1
+            assert result.metrics["holdout_auc"] > result.metrics["holdout_baseline_frequency_auc"]
 
 
 def test_promote_picks_best_and_gate_and_rollback(trained):

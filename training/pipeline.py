@@ -27,7 +27,7 @@ from serving.predictor import apply_calibration
 from training import plots
 from training.calibration import fit_calibrator
 from training.datasets import Dataset, build_dataset
-from training.metrics import binary_metrics
+from training.metrics import binary_metrics, churn_baseline_aucs
 from training.tracking import configure_tracking, datasets_dir
 from training.trainers import Fitted, feature_importance, fit_model, predict_raw
 
@@ -86,6 +86,10 @@ def fit_and_evaluate(ds: Dataset, library: str, cfg: Config, overrides: dict[str
         "n_holdout": float(len(ds.holdout)),
         "n_features": float(len(names)),
     }
+    if ds.task == "churn":
+        longest = max(cfg.features.frequency_windows_days)
+        metrics.update({f"holdout_{k}": v for k, v in
+                        churn_baseline_aucs(ds.holdout.rows, ds.holdout.label, longest).items()})
     return Evaluated(fitted=fitted, spec=spec, calibrator=calibrator, metrics=metrics,
                      p_holdout=p_cal, p_holdout_raw=p_raw)
 
