@@ -21,11 +21,15 @@ def test_quality_floor_against_truth(trained):
     rows = report.table.set_index("method")
     model = rows.loc["sendtime model"]
     golden = rows.loc["baseline: global best hour"]
-    # looser than the default-data figures, but a regression in features or training fails here
-    assert model["slot_capture"] > golden["slot_capture"] + 0.1
-    assert model["slot_capture"] > 0.65
-    assert model["log_loss_vs_oracle"] < golden["log_loss_vs_oracle"]
-    assert model["churn_auc"] > 0.8
+    habit = rows.loc["baseline: user's most frequent open hour"]
+    # this small log gives capture ~0.77 and log loss ~+14 % vs the oracle (0.83 and +13 %
+    # on the default data): looser floors, but a regression in features or training fails
+    table = report.table.to_string()
+    assert model["slot_capture"] > 0.72, table
+    assert model["slot_capture"] > habit["slot_capture"] + 0.08, table
+    assert model["log_loss_vs_oracle"] < 0.2, table
+    assert model["log_loss_vs_oracle"] < golden["log_loss_vs_oracle"] / 1.5, table
+    assert model["churn_auc"] > 0.93, table
 
 
 def test_shifting_every_event_shifts_the_best_slot(trained):
