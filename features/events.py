@@ -112,12 +112,16 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _connect(threads: int | None = None) -> duckdb.DuckDBPyConnection:
+def _connect(threads: int | None = None, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     # every naive timestamp in sendtime is UTC; DuckDB must agree when it casts
     con.execute("SET TimeZone = 'UTC'")
     if threads:
         con.execute(f"SET threads = {int(threads)}")
+    if memory_limit:
+        # DuckDB's default is 80 % of RAM; a cap makes large aggregations spill to disk
+        # instead of crowding out the model and the feature arrays
+        con.execute(f"SET memory_limit = {_quote(memory_limit)}")
     return con
 
 
@@ -368,13 +372,14 @@ def open_log(
     quarantine: str | Path | None = None,
     threads: int | None = None,
     materialize_max_rows: int = 40_000_000,
+    memory_limit: str | None = None,
 ) -> EventLog:
     """Open and validate the events (and users) files or folders.
 
     Invalid rows raise :class:`EventLogError`, or go to ``quarantine`` (a Parquet file)
     when one is given; they are never dropped silently.
     """
-    con = _connect(threads)
+    con = _connect(threads, memory_limit)
     con.execute(f"CREATE OR REPLACE TEMP VIEW events_source AS SELECT * FROM {_source_sql(Path(events), 'events')}")
     if users is not None:
         con.execute(

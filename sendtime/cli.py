@@ -136,7 +136,8 @@ def _open(events: Path, users: Optional[Path], cfg: Config, quarantine: Optional
 
     return open_log(events, users, default_timezone=cfg.slots.default_timezone,
                     quarantine=quarantine, threads=cfg.models.threads,
-                    materialize_max_rows=cfg.features.materialize_max_rows)
+                    materialize_max_rows=cfg.features.materialize_max_rows,
+                    memory_limit=cfg.features.duckdb_memory_limit or None)
 
 
 @app.command()

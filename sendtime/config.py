@@ -78,6 +78,7 @@ class FeatureConfig(_Frozen):
     session_kernel: tuple[float, ...]
     profile_rank: int = Field(ge=0, le=24)
     materialize_max_rows: int = Field(ge=0)
+    duckdb_memory_limit: str = ""
     max_attribute_levels: int = Field(gt=1)
 
 
