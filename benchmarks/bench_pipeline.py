@@ -37,7 +37,8 @@ def stage_features_duckdb(data: Path) -> dict:
     cfg = load_config()
     start = time.perf_counter()
     log = open_log(data / "events.parquet", data / "users.parquet",
-                   materialize_max_rows=cfg.features.materialize_max_rows)
+                   materialize_max_rows=cfg.features.materialize_max_rows,
+                   memory_limit=cfg.features.duckdb_memory_limit or None)
     matrix, _ = build_matrix(log, log.max_ts(), cfg)
     seconds = time.perf_counter() - start
     total = {k: float(v.sum()) for k, v in (("sends", matrix.slots["sends"]), ("sessions", None)) if v is not None}
@@ -85,7 +86,8 @@ def stage_training(data: Path, library: str) -> dict:
 
     cfg = load_config()
     log = open_log(data / "events.parquet", data / "users.parquet",
-                   materialize_max_rows=cfg.features.materialize_max_rows)
+                   materialize_max_rows=cfg.features.materialize_max_rows,
+                   memory_limit=cfg.features.duckdb_memory_limit or None)
     start = time.perf_counter()
     ds = build_dataset(log, "open", None, cfg, progress=False)
     dataset_seconds = time.perf_counter() - start
@@ -105,7 +107,8 @@ def stage_scoring(data: Path) -> dict:
     champions = load_champions(cfg)
     start = time.perf_counter()
     log = open_log(data / "events.parquet", data / "users.parquet",
-                   materialize_max_rows=cfg.features.materialize_max_rows)
+                   materialize_max_rows=cfg.features.materialize_max_rows,
+                   memory_limit=cfg.features.duckdb_memory_limit or None)
     result = refresh_tags(log, cfg, champions, data / "bench_tags.parquet", progress=False)
     seconds = time.perf_counter() - start
     store_mb = result.refresh.store.stat().st_size / 2**20
