@@ -31,7 +31,10 @@ _PHRASES = {
 }
 
 
-def phrase(feature: str, value: float) -> str:
+def phrase(feature: str, value: float, categories: tuple[str, ...] | None = None) -> str:
+    if categories is not None:   # a categorical input arrives as its code
+        level = categories[int(value)] if value == value and 0 <= int(value) < len(categories) else "unknown"
+        return f"{feature.replace('_', ' ')}: {level}"
     if feature in _PHRASES:
         return _PHRASES[feature](float(value))
     for prefix, noun in (("sessions_", "sessions"), ("opens_", "opens"), ("purchases_", "purchases"),
@@ -43,7 +46,8 @@ def phrase(feature: str, value: float) -> str:
     return f"{feature.replace('_', ' ')} = {value:.3g}"
 
 
-def top_reasons(contributions: np.ndarray, x: np.ndarray, names: list[str], k: int) -> list[list[str]]:
+def top_reasons(contributions: np.ndarray, x: np.ndarray, names: list[str], k: int,
+                categories: dict[str, tuple[str, ...]] | None = None) -> list[list[str]]:
     """For each row, the k features with the largest positive contribution, phrased.
 
     ``contributions`` is (n_rows, n_features [+ bias]) from pred_contrib; only pushes
@@ -53,5 +57,6 @@ def top_reasons(contributions: np.ndarray, x: np.ndarray, names: list[str], k: i
     order = np.argsort(-contrib, axis=1)[:, :k]
     out = []
     for i, row in enumerate(order):
-        out.append([phrase(names[j], x[i, j]) for j in row if contrib[i, j] > 0])
+        out.append([phrase(names[j], x[i, j], (categories or {}).get(names[j]))
+                    for j in row if contrib[i, j] > 0])
     return out

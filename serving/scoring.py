@@ -66,7 +66,8 @@ def churn_reasons(champions: Champions, matrix: UserMatrix, positions: np.ndarra
     from serving.reasons import top_reasons
 
     x = champions.churn.spec.encode(churn_rows(matrix.subset(np.asarray(positions))))
-    return top_reasons(champions.churn.contributions(x), x, list(champions.churn.spec.names), k)
+    spec = champions.churn.spec
+    return top_reasons(champions.churn.contributions(x), x, list(spec.names), k, spec.categories)
 
 
 def _prior_keys(frame: pd.DataFrame, attributes: tuple[str, ...]) -> tuple[pd.Series, pd.Series]:

@@ -17,3 +17,11 @@ def test_phrases_cover_windows_and_fall_back_to_the_name():
     assert phrase("sessions_7d", 0) == "0 sessions in the last 7 days"
     assert phrase("days_since_open", float("nan")) == "never opened a message"
     assert phrase("utc_offset_hours", 8) == "utc offset hours = 8"
+
+
+def test_categorical_reasons_name_the_level_not_its_code():
+    cats = {"segment": ("high_value", "potential", "silent")}
+    assert phrase("segment", 2.0, cats["segment"]) == "segment: silent"
+    assert phrase("segment", float("nan"), cats["segment"]) == "segment: unknown"
+    reasons = top_reasons(np.array([[0.5, 0.0]]), np.array([[1.0]]), ["segment"], k=1, categories=cats)
+    assert reasons == [["segment: potential"]]
