@@ -8,7 +8,7 @@ registry); a request only gathers its users' rows and runs the trees.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -58,6 +58,17 @@ class Recommender:
     priors: dict
     refresh: RefreshPaths
     manifest: dict
+    # look-ups a request needs, built once: rebuilding the user index or converting the
+    # time-zone column per request cost O(all users) each time
+    index: pd.Index = field(init=False, repr=False)
+    has_history: np.ndarray = field(init=False, repr=False)
+    zones: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.index = pd.Index(self.matrix.user_ids, dtype=object)
+        self.index.get_indexer(self.index[:1])   # build the hash table now, not on the first request
+        self.has_history = self.matrix.scalars["has_history"].to_numpy(dtype=float) > 0
+        self.zones = self.matrix.scalars["timezone"].astype(object).to_numpy()
 
     @classmethod
     def load(cls, cfg: Config, serving_dir: Path | None = None) -> "Recommender":
@@ -77,11 +88,10 @@ class Recommender:
 
     def recommend(self, user_ids: list[str], window_start: datetime | None, window_hours: int) -> list[dict]:
         start = (window_start or datetime.now(timezone.utc)).astimezone(timezone.utc)
-        ids = pd.Index(self.matrix.user_ids)
-        pos = ids.get_indexer(pd.Index(user_ids, dtype=object))
+        pos = self.index.get_indexer(pd.Index(user_ids, dtype=object))
         known = pos >= 0
         has_history = np.zeros(len(user_ids), dtype=bool)
-        has_history[known] = self.matrix.scalars["has_history"].to_numpy()[pos[known]] > 0
+        has_history[known] = self.has_history[pos[known]]
         scored = np.flatnonzero(has_history)
         n_slots = self.matrix.n_slots
         slot_probs = np.full((len(user_ids), n_slots), np.nan)
@@ -92,7 +102,7 @@ class Recommender:
             if self.champions.churn:
                 churn[scored] = churn_probabilities(self.champions, self.matrix, pos[scored])
         zones = np.full(len(user_ids), self.cfg.slots.default_timezone, dtype=object)
-        zones[known] = self.matrix.scalars["timezone"].to_numpy()[pos[known]]
+        zones[known] = self.zones[pos[known]]
         if (~has_history).any():
             full_keys = np.array(zones, dtype=object)
             tz_keys = np.array(zones, dtype=object)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from features.events import EventLog
 from features.matrix import UserMatrix, build_matrix
-from features.rows import all_slot_rows, churn_rows
+from features.rows import churn_rows, encode_all_slot_rows
 from sendtime.config import Config
 from serving.models import Champions
 from serving.tagstore import RefreshPaths, new_refresh_dir, publish_refresh, write_store
@@ -36,9 +36,9 @@ _MIN_PRIOR_USERS = 30
 
 def slot_probabilities(champions: Champions, matrix: UserMatrix, positions: np.ndarray) -> np.ndarray:
     """(len(positions), n_slots) calibrated open probabilities."""
-    sub = matrix.subset(np.asarray(positions))
-    rows = all_slot_rows(sub)
-    return champions.open.predict(rows).reshape(len(sub), matrix.n_slots)
+    positions = np.asarray(positions)
+    x = encode_all_slot_rows(champions.open.spec, matrix, positions)
+    return champions.open.predict_array(x).reshape(len(positions), matrix.n_slots)
 
 
 def churn_probabilities(champions: Champions, matrix: UserMatrix, positions: np.ndarray) -> np.ndarray:

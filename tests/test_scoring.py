@@ -73,3 +73,16 @@ def test_rerun_gives_the_same_tags(trained, tmp_path):
     a = pd.read_parquet(trained["tags"]).drop(columns=["scored_at"])
     b = pd.read_parquet(out).drop(columns=["scored_at"])
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_fast_slot_rows_encode_exactly_like_the_frame_path(trained):
+    from features.matrix import build_matrix
+    from features.rows import all_slot_rows, encode_all_slot_rows
+
+    champions = load_champions(trained["cfg"])
+    matrix, _ = build_matrix(trained["log"], trained["log"].max_ts(), trained["cfg"])
+    positions = np.array([0, 5, 17, len(matrix) - 1])
+    spec = champions.open.spec
+    fast = encode_all_slot_rows(spec, matrix, positions)
+    slow = spec.encode(all_slot_rows(matrix.subset(positions)))
+    np.testing.assert_array_equal(fast, slow)
