@@ -159,16 +159,22 @@ def _raw_events(con: duckdb.DuckDBPyConnection) -> str:
         else "CAST(row_number() OVER () AS VARCHAR)"
     )
     optional = []
+    # extra columns are kept (the quarantine file carries them) and otherwise ignored
+    extras = [c for c in cols if c not in ("user_id", "ts", "event", "filename", *_OPTIONAL_EVENT_COLUMNS)]
     for name in _OPTIONAL_EVENT_COLUMNS:
         if name in cols:
             cast = "DOUBLE" if name == "value" else "VARCHAR"
             optional.append(f"TRY_CAST({name} AS {cast}) AS {name}")
             if name == "value":
                 optional.append(f"{name} IS NOT NULL AND TRY_CAST({name} AS DOUBLE) IS NULL AS _bad_value")
+                # errors and the quarantine show the value as it was written, not the failed cast
+                optional.append(f"CAST({name} AS VARCHAR) AS _value_text")
         else:
             optional.append(f"CAST(NULL AS {'DOUBLE' if name == 'value' else 'VARCHAR'}) AS {name}")
     if "value" not in cols:
         optional.append("false AS _bad_value")
+        optional.append("CAST(NULL AS VARCHAR) AS _value_text")
+    optional.extend(f"{_ident(c)} AS {_ident('_extra_' + c)}" for c in extras)
     con.execute(
         f"""
         CREATE OR REPLACE TEMP VIEW raw_events_base AS
@@ -200,7 +206,7 @@ _EVENT_CHECKS = {
         "have an unknown event name (allowed: {allowed})",
         "_event_text",
     ),
-    "value": ("_bad_value", "have a value that is not a number", "value"),
+    "value": ("_bad_value", "have a value that is not a number", "_value_text"),
 }
 
 
@@ -239,9 +245,12 @@ def _check_events(con: duckdb.DuckDBPyConnection, quarantine: Path | None) -> in
     reason = " || ".join(
         f"CASE WHEN {cond} THEN '{col};' ELSE '' END" for col, cond in conditions.items()
     )
+    extras = [c for c in _columns(con, "raw_events_located") if c.startswith("_extra_")]
+    extra_sql = "".join(f", {_ident(c)} AS {_ident(c[len('_extra_'):])}" for c in extras)
     con.execute(
-        f"COPY (SELECT user_id, _ts_text AS ts, _event_text AS event, message_id, channel, value,"
-        f" _row AS source_row, {reason} AS bad_columns FROM raw_events_located WHERE {any_bad})"
+        f"COPY (SELECT user_id, _ts_text AS ts, _event_text AS event, message_id, channel,"
+        f" _value_text AS value{extra_sql}, _row AS source_row, {reason} AS bad_columns"
+        f" FROM raw_events_located WHERE {any_bad})"
         f" TO {_quote(str(quarantine))} (FORMAT parquet)"
     )
     log.warning("events: %d invalid row(s) moved to %s:\n  %s", n_bad, quarantine, "\n  ".join(problems))
@@ -260,11 +269,11 @@ def _load_users(con: duckdb.DuckDBPyConnection, default_tz: str) -> tuple[tuple[
     cols = _columns(con, "users_source")
     if "user_id" not in cols:
         raise EventLogError(f"users: missing required column 'user_id'; found {', '.join(map(repr, cols))}")
-    n_missing = con.execute(
-        "SELECT count(*) FROM users_source WHERE user_id IS NULL OR trim(CAST(user_id AS VARCHAR)) = ''"
-    ).fetchall()[0][0]
+    missing_id = "user_id IS NULL OR trim(CAST(user_id AS VARCHAR)) = ''"
+    n_missing = con.execute(f"SELECT count(*) FROM users_source WHERE {missing_id}").fetchall()[0][0]
     if n_missing:
-        raise EventLogError(f"users: column 'user_id': {n_missing} row(s) have a missing or empty user id")
+        raise EventLogError(f"users: column 'user_id': {n_missing} row(s) have a missing or empty user id. "
+                            f"First bad rows: {_users_rows(con, missing_id)}")
     dupes = con.execute(
         "SELECT CAST(user_id AS VARCHAR), count(*) FROM users_source GROUP BY 1 HAVING count(*) > 1 LIMIT 5"
     ).fetchall()
@@ -301,6 +310,15 @@ def _load_users(con: duckdb.DuckDBPyConnection, default_tz: str) -> tuple[tuple[
     signup = (
         _ts_expr("signup_ts", cols["signup_ts"], "users") if "signup_ts" in cols else "CAST(NULL AS TIMESTAMP)"
     )
+    if "signup_ts" in cols:
+        # a missing signup time is allowed; one that is written but unreadable is an error
+        unreadable = f"signup_ts IS NOT NULL AND trim(CAST(signup_ts AS VARCHAR)) <> '' AND ({signup}) IS NULL"
+        n_bad = con.execute(f"SELECT count(*) FROM users_source WHERE {unreadable}").fetchall()[0][0]
+        if n_bad:
+            raise EventLogError(
+                f"users: column 'signup_ts': {n_bad} row(s) have an unparseable timestamp. "
+                f"First bad rows: {_users_rows(con, unreadable, 'signup_ts')}"
+            )
     attrs = [c for c in cols if c not in _RESERVED_USER_COLUMNS and c != "filename"]
     numeric = tuple(a for a in attrs if _is_numeric(cols[a]))
     categorical = tuple(a for a in attrs if a not in numeric)
@@ -314,6 +332,15 @@ def _load_users(con: duckdb.DuckDBPyConnection, default_tz: str) -> tuple[tuple[
         params,
     )
     return categorical, numeric
+
+
+def _users_rows(con: duckdb.DuckDBPyConnection, condition: str, column: str = "user_id") -> str:
+    """The first rows of the users table matching ``condition``, numbered from 1."""
+    rows = con.execute(
+        f"SELECT _row, _shown FROM (SELECT row_number() OVER () AS _row, CAST({_ident(column)} AS VARCHAR)"
+        f" AS _shown, * FROM users_source) WHERE {condition} ORDER BY _row LIMIT {_SHOW_BAD_ROWS}"
+    ).fetchall()
+    return "; ".join(f"row {r}: {v!r}" for r, v in rows)
 
 
 def _ident(name: str) -> str:

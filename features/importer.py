@@ -72,10 +72,16 @@ def _time_expr(column: str, dtype: str, zone: str | None) -> str:
     c = _ident(column)
     if dtype.upper() == "TIMESTAMP WITH TIME ZONE":
         return f"CAST({c} AS TIMESTAMPTZ)"
-    base = f"CAST({c} AS TIMESTAMP)" if dtype.upper().startswith(("TIMESTAMP", "DATE")) else f"TRY_CAST({c} AS TIMESTAMP)"
-    if zone:
-        return f"timezone({_quote(zone)}, {base})"
-    return f"CAST({base} AS TIMESTAMPTZ)"
+    if dtype.upper().startswith(("TIMESTAMP", "DATE")):
+        naive = f"CAST({c} AS TIMESTAMP)"
+        return f"timezone({_quote(zone)}, {naive})" if zone else f"CAST({naive} AS TIMESTAMPTZ)"
+    # text: an explicit offset ("...+08:00", "...Z") wins; naive text is in the source's
+    # zone, or UTC (casting to TIMESTAMP would drop the offset silently)
+    text = f"trim(CAST({c} AS VARCHAR))"
+    naive = f"TRY_CAST({text} AS TIMESTAMP)"
+    naive = f"timezone({_quote(zone)}, {naive})" if zone else f"CAST({naive} AS TIMESTAMPTZ)"
+    return (f"CASE WHEN regexp_matches({text}, '[0-9]:[0-9]{{2}}(:[0-9]{{2}}([.][0-9]+)?)? *(Z|z|[+-][0-9]{{2}}(:?[0-9]{{2}})?)$')"
+            f" THEN TRY_CAST({text} AS TIMESTAMPTZ) ELSE {naive} END")
 
 
 def import_table(source: str | Path, mapping: ColumnMapping, out: str | Path,
@@ -87,7 +93,8 @@ def import_table(source: str | Path, mapping: ColumnMapping, out: str | Path,
     cols = _columns(con, "src")
     mapping.check(cols)
     n_source = con.execute("SELECT count(*) FROM src").fetchall()[0][0]
-    where = f"WHERE {mapping.where}" if mapping.where else ""
+    # brackets keep a condition with OR from leaking into the checks ANDed after it
+    where = f"WHERE ({mapping.where})" if mapping.where else ""
     try:
         n_kept = con.execute(f"SELECT count(*) FROM src {where}").fetchall()[0][0]
     except duckdb.Error as exc:
@@ -98,7 +105,7 @@ def import_table(source: str | Path, mapping: ColumnMapping, out: str | Path,
     value = f"TRY_CAST(({mapping.value}) AS DOUBLE)" if mapping.value else "CAST(NULL AS DOUBLE)"
     msg = f"CAST({_ident(mapping.message_id)} AS VARCHAR)" if mapping.message_id else "CAST(NULL AS VARCHAR)"
     channel = f"CAST({_ident(mapping.channel)} AS VARCHAR)" if mapping.channel else "CAST(NULL AS VARCHAR)"
-    bad_rows, n_quarantined = _check_source(con, mapping, user, ts, where, quarantine)
+    bad_rows, n_quarantined = _check_source(con, mapping, user, ts, value, where, quarantine)
     keep = f"({where[6:]}) AND NOT ({bad_rows})" if where else f"WHERE NOT ({bad_rows})"
     where = keep if keep.startswith("WHERE") else f"WHERE {keep}"
     rows = f"SELECT {user} AS user_id, {ts} AS ts, {event} AS event, {msg} AS message_id, {channel} AS channel, {value} AS value"
@@ -132,27 +139,34 @@ def import_table(source: str | Path, mapping: ColumnMapping, out: str | Path,
 
 
 def _check_source(con: duckdb.DuckDBPyConnection, mapping: ColumnMapping, user: str, ts: str,
-                  where: str, quarantine: str | Path | None) -> tuple[str, int]:
+                  value: str, where: str, quarantine: str | Path | None) -> tuple[str, int]:
     """Check the mapped columns in the source, so errors name the user's own columns and rows;
     returns the SQL condition of bad source rows (quarantined when asked, else an error)."""
     from features.events import EVENT_KINDS
 
     kinds = ", ".join(_quote(k) for k in EVENT_KINDS)
+    # label -> (what the error shows, the condition of a bad row)
     checks = {
-        mapping.user: f"({user}) IS NULL OR trim({user}) = ''",
-        mapping.time: f"({ts}) IS NULL",
+        f"source column {mapping.user!r}": (_ident(mapping.user), f"({user}) IS NULL OR trim({user}) = ''"),
+        f"source column {mapping.time!r}": (_ident(mapping.time), f"({ts}) IS NULL"),
     }
     if mapping.event:
-        checks[mapping.event] = f"lower(trim(CAST({_ident(mapping.event)} AS VARCHAR))) NOT IN ({kinds}) OR {_ident(mapping.event)} IS NULL"
+        e = _ident(mapping.event)
+        checks[f"source column {mapping.event!r}"] = (
+            e, f"lower(trim(CAST({e} AS VARCHAR))) NOT IN ({kinds}) OR {e} IS NULL")
+    if mapping.value:
+        # a value that is there but is not a number would otherwise become an empty value
+        checks[f"value {mapping.value!r}"] = (
+            f"CAST(({mapping.value}) AS VARCHAR)", f"({mapping.value}) IS NOT NULL AND ({value}) IS NULL")
     con.execute(f"CREATE OR REPLACE TEMP VIEW src_located AS SELECT *, row_number() OVER () AS _source_row FROM src")
     scope = where or "WHERE true"
-    problems, any_bad = [], " OR ".join(f"({c})" for c in checks.values())
-    for column, cond in checks.items():
+    problems, any_bad = [], " OR ".join(f"({c})" for _, c in checks.values())
+    for label, (shown, cond) in checks.items():
         n = con.execute(f"SELECT count(*) FROM src_located {scope} AND ({cond})").fetchall()[0][0]
         if n:
             sample = con.execute(
-                f"SELECT _source_row, {_ident(column)} FROM src_located {scope} AND ({cond}) LIMIT 5").fetchall()
-            problems.append(f"source column {column!r}: {n} row(s) missing or invalid. First bad rows: "
+                f"SELECT _source_row, {shown} FROM src_located {scope} AND ({cond}) LIMIT 5").fetchall()
+            problems.append(f"{label}: {n} row(s) missing or invalid. First bad rows: "
                             + "; ".join(f"row {r}: {v!r}" for r, v in sample))
     if not problems:
         return "false", 0

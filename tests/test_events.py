@@ -53,3 +53,23 @@ def test_duplicate_user_rows_rejected():
     ev = make_events([("a", "2026-01-01", "send")])
     with pytest.raises(EventLogError, match="appear more than once"):
         from_frames(ev, pd.DataFrame({"user_id": ["a", "a"]}))
+
+
+def test_bad_values_show_what_was_written_and_quarantine_keeps_extra_columns(tmp_path):
+    path = tmp_path / "e.csv"
+    path.write_text("user_id,ts,event,value,campaign\na,2026-01-01,purchase,12.5,spring\n"
+                    "b,2026-01-01,purchase,twelve,summer\n")
+    with pytest.raises(EventLogError) as err:
+        open_log(path)
+    assert "column 'value': 1 row(s)" in str(err.value) and "e.csv:2: 'twelve'" in str(err.value)
+    open_log(path, quarantine=tmp_path / "bad.parquet")
+    bad = pd.read_parquet(tmp_path / "bad.parquet")
+    assert bad["value"].tolist() == ["twelve"] and bad["campaign"].tolist() == ["summer"]
+
+
+def test_unparseable_signup_and_missing_user_ids_in_users_are_rejected_with_rows():
+    ev = make_events([("a", "2026-01-01", "send")])
+    with pytest.raises(EventLogError, match=r"'signup_ts': 1 row\(s\).*row 2: 'garbage'"):
+        from_frames(ev, pd.DataFrame({"user_id": ["a", "b", "c"], "signup_ts": ["2026-01-01", "garbage", None]}))
+    with pytest.raises(EventLogError, match=r"'user_id': 1 row\(s\).*row 2"):
+        from_frames(ev, pd.DataFrame({"user_id": ["a", None]}))

@@ -62,6 +62,29 @@ def test_import_maps_columns_and_rejects_bad_rows(tmp_path):
                      tmp_path / "x.parquet")
 
 
+def test_import_keeps_time_offsets_brackets_filters_and_rejects_non_numbers(tmp_path):
+    pd.DataFrame({"cust": list("abcde"),
+                  "when": ["2026-01-01T08:00:00+08:00", "2026-01-01 08:00", "2026-01-02", "2026-01-03T10:00Z",
+                           "2026-01-03 10:00"],
+                  "kind": ["x", "y", "z", "x", "x"], "amt": ["1.5", "2", "3", "4", "oops"]}).to_csv(
+        tmp_path / "src.csv", index=False)
+    mapping = ColumnMapping(user="cust", time="when", event_name="purchase", value="amt",
+                            where="kind = 'x' OR kind = 'z'")
+    with pytest.raises(EventLogError, match=r"value 'amt': 1 row\(s\).*row 5: 'oops'"):
+        import_table(tmp_path / "src.csv", mapping, tmp_path / "events.parquet")
+    summary = import_table(tmp_path / "src.csv", mapping, tmp_path / "events.parquet",
+                           quarantine=tmp_path / "bad.parquet")
+    assert summary.n_kept_by_filter == 4 and summary.n_quarantined == 1 and summary.n_events == 3
+    events = pd.read_parquet(tmp_path / "events.parquet").set_index("user_id")
+    assert events.loc["a", "ts"] == pd.Timestamp("2026-01-01 00:00")        # the offset is honoured
+    assert events.loc["d", "ts"] == pd.Timestamp("2026-01-03 10:00")
+    zoned = ColumnMapping(user="cust", time="when", event_name="purchase", source_timezone="Asia/Shanghai")
+    import_table(tmp_path / "src.csv", zoned, tmp_path / "z.parquet")
+    z = pd.read_parquet(tmp_path / "z.parquet").set_index("user_id")["ts"]
+    assert z["a"] == pd.Timestamp("2026-01-01 00:00") and z["b"] == pd.Timestamp("2026-01-01 00:00")
+    assert z["c"] == pd.Timestamp("2026-01-01 16:00")                       # a date is not an offset
+
+
 @pytest.mark.skipif(not RETAIL.exists(), reason="shared/data/online_retail is not on this machine")
 def test_online_retail_imports_and_trains_churn(tmp_path, monkeypatch):
     from features.events import open_log
