@@ -115,7 +115,13 @@ def _job(func):
         except Exception as exc:
             if _user_error(exc):
                 _fail(str(exc))
-            raise
+            if os.environ.get("SENDTIME_DEBUG"):
+                raise
+            # anything else is still one line for the batch job's log; the traceback is a
+            # rerun away
+            log.debug("unexpected failure", exc_info=True)
+            _fail(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'failed'}"
+                  " (rerun with SENDTIME_DEBUG=1 for the traceback)")
 
     return wrapper
 

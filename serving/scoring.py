@@ -144,10 +144,14 @@ def score_matrix(matrix: UserMatrix, champions: Champions, cfg: Config, scored_a
     versions = champions.versions()
     tags = pd.DataFrame({"user_id": matrix.user_ids.astype(str)})
     if slot_probs is not None:
-        best = slot_probs.argmax(axis=1)
-        tags["slot_open_probs"] = list(slot_probs.astype(float))
-        tags["best_slot"] = pd.array(best, dtype="Int64")
-        tags["best_slot_open_prob"] = slot_probs[np.arange(n), best].astype(float)
+        # a user with neither a score nor a prior has no best slot (not a false slot 0)
+        known = ~np.isnan(slot_probs).all(axis=1)
+        best = np.nan_to_num(slot_probs, nan=-1.0).argmax(axis=1)
+        rows = list(slot_probs.astype(float))
+        tags["slot_open_probs"] = rows if known.all() else [r if k else None for r, k in zip(rows, known)]
+        tags["best_slot"] = pd.array(np.where(known, best, 0), dtype="Int64")
+        tags.loc[~known, "best_slot"] = pd.NA
+        tags["best_slot_open_prob"] = np.where(known, slot_probs[np.arange(n), best], np.nan).astype(float)
     else:
         tags["slot_open_probs"] = None
         tags["best_slot"] = pd.array([None] * n, dtype="Int64")
@@ -194,11 +198,12 @@ class RefreshResult:
     missing: dict[str, str]
 
 
-def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
+def _stage_parquet(table: pa.Table, path: Path) -> Path:
+    """Write ``table`` beside ``path`` under a temporary name; the caller renames it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    return tmp
 
 
 def refresh_tags(log_: EventLog, cfg: Config, champions: Champions, out: Path | None,
@@ -211,6 +216,7 @@ def refresh_tags(log_: EventLog, cfg: Config, champions: Champions, out: Path | 
     as_of = as_of or log_.max_ts()
     serving_dir = Path(cfg.serving.serving_dir)
     building, refresh_id = new_refresh_dir(serving_dir)
+    staged_out = None
     try:
         log.info("building features of every user as of %s", as_of)
         matrix, _ = build_matrix(log_, as_of, cfg)
@@ -231,13 +237,17 @@ def refresh_tags(log_: EventLog, cfg: Config, champions: Champions, out: Path | 
         }
         write_store(building, tags, priors, manifest)
         building.manifest.write_text(json.dumps(manifest, indent=2))
-        if out is not None:
-            _write_parquet_atomic(table, Path(out))
+        staged_out = _stage_parquet(table, Path(out)) if out is not None else None
         published = publish_refresh(serving_dir, building, refresh_id, cfg.serving.keep_refreshes)
+        if staged_out is not None:
+            # only a published refresh replaces --out, so the two never disagree after a failure
+            os.replace(staged_out, Path(out))
     except BaseException:
         import shutil
 
         shutil.rmtree(building.root, ignore_errors=True)
+        if staged_out is not None:
+            staged_out.unlink(missing_ok=True)
         raise
     return RefreshResult(tags_path=Path(out) if out else published.tags, refresh=published,
                          n_users=len(tags), n_cold_start=int(tags["cold_start"].sum()),
