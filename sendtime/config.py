@@ -152,6 +152,8 @@ class ServingConfig(_Frozen):
     churn_reasons: int = Field(ge=0, le=10)
     churn_reasons_min_tier: Literal["low", "medium", "high"]
     churn_tiers: ChurnTiers
+    # how often a running service looks for a newer refresh or a moved champion; 0: never
+    reload_check_seconds: float = Field(default=30.0, ge=0)
 
 
 class SimulateConfig(_Frozen):

@@ -9,15 +9,15 @@ rows and run the trees. Configuration comes from ``SENDTIME_CONFIG`` (a TOML ove
 from __future__ import annotations
 
 import os
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated, Optional
 
 import bentoml
 from bentoml.exceptions import InvalidArgument
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 from sendtime.config import load_config
-from serving.recommend import Recommender
+from serving.live import LiveRecommender
 
 __all__ = ["Sendtime", "RecommendResult", "RecommendResponse"]
 
@@ -46,6 +46,8 @@ class ModelsResponse(BaseModel):
     feature_snapshot_as_of: str
     refresh_id: str
     n_users: int
+    reloads: int = Field(description="times this server swapped in a newer refresh or champion")
+    last_reload_error: Optional[str] = Field(description="why the last reload failed (the old state serves)")
 
 
 @bentoml.service(
@@ -57,16 +59,19 @@ class ModelsResponse(BaseModel):
 class Sendtime:
     def __init__(self) -> None:
         self.cfg = load_config(os.environ.get("SENDTIME_CONFIG") or None)
-        self.recommender = Recommender.load(self.cfg, os.environ.get("SENDTIME_SERVING_DIR") or None)
+        self.live = LiveRecommender(self.cfg, os.environ.get("SENDTIME_SERVING_DIR") or None,
+                                    check_seconds=self.cfg.serving.reload_check_seconds)
 
     @bentoml.api(route="/recommend")
     def recommend(
         self,
-        user_ids: Annotated[list[str], Field(min_length=1, description="users to recommend for")],
-        window_start: Annotated[Optional[datetime], Field(
-            description="start of the sending window (ISO 8601; default now)")] = None,
-        window_hours: Annotated[Optional[int], Field(
-            description="length of the window in hours (default 24)")] = None,
+        user_ids: Annotated[list[StrictStr], Field(min_length=1, description="users to recommend for")],
+        # a string parsed here, not a lax datetime: pydantic would read 12345 as 1970-01-01
+        window_start: Annotated[Optional[StrictStr], Field(
+            description="start of the sending window, ISO 8601 (naive means UTC; default now)",
+            json_schema_extra={"format": "date-time"})] = None,
+        window_hours: Annotated[Optional[StrictInt], Field(
+            description="length of the window in whole hours (default 24)")] = None,
     ) -> RecommendResponse:
         """Per user: open probability per slot, the best send time in the window, churn risk."""
         serving = self.cfg.serving
@@ -78,19 +83,27 @@ class Sendtime:
         hours = serving.default_window_hours if window_hours is None else window_hours
         if not 1 <= hours <= serving.max_window_hours:
             raise InvalidArgument(f"window_hours: must be between 1 and {serving.max_window_hours}, got {hours}")
-        if window_start is not None and window_start.tzinfo is None:
-            from datetime import timezone
-
-            window_start = window_start.replace(tzinfo=timezone.utc)
-        results = self.recommender.recommend(list(user_ids), window_start, hours)
+        start = _parse_window_start(window_start)
+        results = self.live.current.recommend(list(user_ids), start, hours)
         return RecommendResponse(results=[RecommendResult(**r) for r in results])
 
     @bentoml.api(route="/models")
     def models(self) -> ModelsResponse:
         """Which model versions and which feature snapshot this server answers with."""
-        r = self.recommender
+        r = self.live.current
         return ModelsResponse(
             model_versions=r.champions.versions(), missing_tasks=r.champions.missing,
             feature_snapshot_as_of=r.manifest["as_of"], refresh_id=r.manifest["refresh_id"],
-            n_users=len(r.matrix),
+            n_users=len(r.matrix), reloads=self.live.reloads, last_reload_error=self.live.last_error,
         )
+
+
+def _parse_window_start(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise InvalidArgument(f"window_start: {text!r} is not an ISO 8601 time "
+                              "(for example 2026-01-05T00:00:00Z)") from None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value

@@ -86,3 +86,42 @@ def test_fast_slot_rows_encode_exactly_like_the_frame_path(trained):
     fast = encode_all_slot_rows(spec, matrix, positions)
     slow = spec.encode(all_slot_rows(matrix.subset(positions)))
     np.testing.assert_array_equal(fast, slow)
+
+
+def test_a_running_service_picks_up_a_new_refresh_and_a_moved_champion(trained, tmp_path):
+    from serving.live import LiveRecommender
+    from training.registry import promote_champion
+
+    cfg = trained["cfg"]
+    live = LiveRecommender(cfg, check_seconds=0)
+    first = live.current
+    assert not live.check()                       # nothing moved yet
+    refresh_tags(trained["log"], cfg, load_champions(cfg), tmp_path / "t.parquet", progress=False)
+    assert live.check() and live.current.refresh.root != first.refresh.root
+    assert live.current.refresh.root == current_refresh(cfg.serving.serving_dir).root
+    # an engineer moves the open champion: the server follows, and follows back
+    before = live.current.champions.versions()["open"]
+    other = "2" if before == "1" else "1"
+    try:
+        promote_champion(cfg, "open", version=other, force=True)
+        assert live.check() and live.current.champions.versions()["open"] == other
+    finally:
+        promote_champion(cfg, "open", version=before, force=True)
+    assert live.check() and live.current.champions.versions()["open"] == before
+    assert live.reloads == 3 and live.last_error is None
+
+
+def test_a_failed_reload_keeps_the_old_state_serving(trained, tmp_path, monkeypatch):
+    from serving import live as live_module
+    from serving.live import LiveRecommender
+
+    cfg = trained["cfg"]
+    live = LiveRecommender(cfg, check_seconds=0)
+    serving_before = live.current
+    monkeypatch.setattr(live_module.LiveRecommender, "stale", lambda self: True)
+    monkeypatch.setattr(live_module.Recommender, "load", classmethod(
+        lambda cls, *a, **k: (_ for _ in ()).throw(OSError("snapshot unreadable"))))
+    assert not live.check()
+    assert live.current is serving_before and "snapshot unreadable" in live.last_error
+    assert live.current.recommend(["u0000001"], None, 24)[0]["user_id"] == "u0000001"
+

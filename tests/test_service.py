@@ -62,6 +62,12 @@ def test_send_at_respects_a_narrow_window(server):
     ({"user_ids": ["u1"], "window_hours": "many"}, "window_hours"),
     ({"user_ids": ["u1"], "window_hours": 0}, "window_hours"),
     ({"user_ids": [f"u{i}" for i in range(5000)]}, "user_ids"),
+    # mistyped, not coerced
+    ({"user_ids": ["u1"], "window_start": 12345}, "window_start"),
+    ({"user_ids": ["u1"], "window_hours": "24"}, "window_hours"),
+    ({"user_ids": ["u1"], "window_hours": True}, "window_hours"),
+    ({"user_ids": ["u1"], "window_hours": 2.5}, "window_hours"),
+    ({"user_ids": [1, 2]}, "user_ids"),
 ])
 def test_bad_requests_get_4xx_naming_the_field(server, body, field):
     url, _ = server

@@ -1,0 +1,91 @@
+"""Keep a running service on the newest refresh and the current champions.
+
+The nightly job publishes a new refresh (``current`` moves) and an ML engineer may move a
+``champion`` alias; a long-running server should pick both up without a restart. A
+daemon thread looks every few seconds; when something moved it loads a complete new
+:class:`Recommender` beside the old one and swaps the reference, so requests never see
+a half-loaded state. A load that fails keeps the old one serving, and is retried at
+the next look.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from sendtime.config import Config
+from serving.recommend import Recommender
+from serving.tagstore import current_refresh
+
+__all__ = ["LiveRecommender"]
+
+log = logging.getLogger(__name__)
+
+
+def _champion_versions(cfg: Config) -> dict[str, str | None]:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=cfg.tracking.resolved_uri())
+    versions: dict[str, str | None] = {}
+    for task in ("open", "churn"):
+        try:
+            mv = client.get_model_version_by_alias(cfg.tracking.model_name(task), cfg.tracking.champion_alias)
+            versions[task] = str(mv.version)
+        except MlflowException:
+            versions[task] = None
+    return versions
+
+
+class LiveRecommender:
+    def __init__(self, cfg: Config, serving_dir: str | Path | None = None, check_seconds: float = 0) -> None:
+        self.cfg = cfg
+        self.serving_dir = Path(serving_dir or cfg.serving.serving_dir)
+        self._current = Recommender.load(cfg, self.serving_dir)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.reloads = 0
+        self.last_error: str | None = None
+        if check_seconds > 0:
+            thread = threading.Thread(target=self._watch, args=(check_seconds,), name="sendtime-reload",
+                                      daemon=True)
+            thread.start()
+
+    @property
+    def current(self) -> Recommender:
+        return self._current
+
+    def stale(self) -> bool:
+        """Has a newer refresh been published, or a champion alias moved, since the load?"""
+        paths = current_refresh(self.serving_dir)
+        if paths is not None and paths.root != self._current.refresh.root:
+            return True
+        return _champion_versions(self.cfg) != self._current.champions.versions()
+
+    def check(self) -> bool:
+        """Reload when stale; True when a new state is now serving."""
+        with self._lock:
+            try:
+                if not self.stale():
+                    return False
+                fresh = Recommender.load(self.cfg, self.serving_dir)
+            except Exception as exc:  # noqa: BLE001 - whatever broke, the old state keeps serving
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("reload failed, still serving refresh %s: %s",
+                            self._current.manifest.get("refresh_id"), self.last_error)
+                return False
+            old = self._current.manifest.get("refresh_id"), self._current.champions.versions()
+            self._current = fresh
+            self.reloads += 1
+            self.last_error = None
+            log.info("reloaded: refresh %s -> %s, models %s -> %s", old[0], fresh.manifest.get("refresh_id"),
+                     old[1], fresh.champions.versions())
+            return True
+
+    def _watch(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.check()
+
+    def close(self) -> None:
+        self._stop.set()
