@@ -8,7 +8,13 @@ Estimators, weakest to strongest:
 - ``session share``: the slot where the user had most app sessions;
 - ``structural EM``: fits each user's mixture over the simulator's *own* archetype shapes
   (which no real model knows) to their session hours and opens, with the simulator's
-  Dirichlet prior: close to the best a model can do with the same evidence;
+  Dirichlet prior (a point estimate that ignores unopened sends);
+- ``Bayes posterior``: the simulator's own generative model, inverted: thousands of draws
+  of (archetype weights, personal shift) from the simulator's prior, each weighed by the
+  likelihood of the user's session hours (weekday and weekend apart, with the generic
+  share) and of every send's outcome at its local hour (base open rate integrated over a
+  grid); the slot with the highest posterior expected capture. No model can know the
+  generative model, so this is an upper reference for any estimator of the same log;
 - ``true dominant archetype``: knows each user's main archetype from the truth (no
   estimator can); shows what the best slot is worth when the evidence is perfect.
 
@@ -26,7 +32,7 @@ import pandas as pd
 
 from features.events import open_log
 from features.matrix import slot_counts
-from features.simulate import _GENERIC, _RHYTHM_FLOOR, ARCHETYPES, _von_mises
+from features.simulate import _GENERIC, _RHYTHM_FLOOR, ARCHETYPES, _rhythms, _von_mises
 from sendtime.config import load_config
 from training.evaluation import slot_capture
 
@@ -54,11 +60,56 @@ def structural_em(sessions: np.ndarray, opened: np.ndarray, rhythm_share: float,
     return _RHYTHM_FLOOR + w @ shapes
 
 
+def counts_by_day_type(log, as_of, cfg, user_ids: pd.Index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sessions, matured sends and opened sends as (users, 2 [weekday, weekend], 24 local hours)."""
+    week = cfg.model_copy(update={"slots": cfg.slots.model_copy(update={"kind": "hour_of_week"})})
+    c = slot_counts(log, as_of, week, user_ids)
+
+    def split(a: np.ndarray) -> np.ndarray:
+        a = a.reshape(len(a), 7, 24)          # Monday = 0
+        return np.stack([a[:, :5].sum(axis=1), a[:, 5:].sum(axis=1)], axis=1)
+
+    return split(c.sessions), split(c.sends), split(c.opened)
+
+
+def bayes_posterior(sessions: np.ndarray, sends: np.ndarray, opened: np.ndarray, rhythm_share: float,
+                    draws: int = 4000, seed: int = 0, chunk: int = 1000) -> np.ndarray:
+    """Posterior expected capture of each hour, (users, 24), by importance sampling from the
+    simulator's prior. Fatigue and fading are folded into the base open rate."""
+    rng = np.random.default_rng(seed)
+    weights = rng.dirichlet(np.full(len(ARCHETYPES), 0.35), size=draws)
+    rhythm = _rhythms(weights, rng.normal(0.0, 0.5, size=draws))            # (M, 2, 24), mean 1
+    generic = _GENERIC / _GENERIC.sum()
+    session_p = rhythm_share * rhythm / rhythm.sum(axis=2, keepdims=True) + (1 - rhythm_share) * generic
+    log_session = np.log(session_p).reshape(draws, 48)
+    r = rhythm.reshape(draws, 48)
+    target = (5 * rhythm[:, 0] + 2 * rhythm[:, 1]) / 7                      # the truth's week mix
+    ratio = target / target.max(axis=1, keepdims=True)
+    base_grid = np.geomspace(0.01, 0.7, 20)
+    log_p = [np.log(np.minimum(b * r, 0.95)).T for b in base_grid]
+    log_q = [np.log1p(-np.minimum(b * r, 0.95)).T for b in base_grid]
+    out = np.zeros((len(sessions), 24))
+    for start in range(0, len(sessions), chunk):
+        part = slice(start, start + chunk)
+        s = sessions[part].reshape(-1, 48)
+        k = opened[part].reshape(-1, 48)
+        f = sends[part].reshape(-1, 48) - k
+        ll = s @ log_session.T
+        per_base = np.stack([k @ lp + f @ lq for lp, lq in zip(log_p, log_q)])   # (B, u, M)
+        top = per_base.max(axis=0)
+        ll += top + np.log(np.exp(per_base - top).sum(axis=0))
+        ll -= ll.max(axis=1, keepdims=True)
+        w = np.exp(ll)
+        out[part] = (w @ ratio) / w.sum(axis=1, keepdims=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="a folder written by `sendtime simulate`")
     parser.add_argument("--tags", type=Path, default=None, help="tags of the same users, from `sendtime score`")
     parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--draws", type=int, default=4000, help="prior draws of the Bayes posterior")
     args = parser.parse_args()
     cfg = load_config(args.config)
     log = open_log(args.data / "events.parquet", args.data / "users.parquet")
@@ -72,11 +123,14 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     em = structural_em(counts.sessions, counts.opened, cfg.simulate.session_rhythm_share)
+    by_day = counts_by_day_type(log, log.max_ts(), cfg, pd.Index(truth["user_id"]))
+    bayes = bayes_posterior(*by_day, cfg.simulate.session_rhythm_share, draws=args.draws)
     names = [a[0] for a in ARCHETYPES]
     dominant = truth["archetype"].map({n: i for i, n in enumerate(names)}).to_numpy()
     table = {
         "session share": capture(counts.sessions + 1e-3 * rng.random(counts.sessions.shape)),
         "structural EM (knows the simulator's shapes)": capture(em),
+        "Bayes posterior (knows the generative model)": capture(bayes),
         "true dominant archetype (knows the truth)": capture(_archetype_shapes()[dominant]),
     }
     if args.tags is not None:
@@ -87,11 +141,15 @@ def main() -> None:
     for name, value in table.items():
         print(f"  {name:48s} {value:.4f}")
     total = counts.sessions.sum(axis=1)
-    print("structural EM by sessions in the history window:")
+    print("by sessions in the history window:        EM     Bayes" + ("  model" if args.tags else ""))
     for lo, hi in ((0, 5), (5, 15), (15, 30), (30, 60), (60, np.inf)):
         rows = keep & (total >= lo) & (total < hi)
         if rows.any():
-            print(f"  {lo:>3}-{hi:<4} sessions: {rows.sum():6d} users, capture {capture(em, rows):.4f}")
+            line = (f"  {lo:>3}-{hi:<4} sessions: {rows.sum():6d} users  {capture(em, rows):.4f}"
+                    f"  {capture(bayes, rows):.4f}")
+            if args.tags is not None:
+                line += f"  {capture(model, rows):.4f}"
+            print(line)
 
 
 if __name__ == "__main__":
