@@ -35,7 +35,9 @@ def attributed_sends_sql(
 
     A send is opened when an open with its ``message_id`` follows within the window;
     opens without a message id go to the latest send at or before them (DuckDB's ASOF
-    join), which is "the first open after the send, before the next send". Only opens at
+    join), which is "the first open after the send, before the next send"; so do opens
+    whose id names no send when that latest send has no id itself (a log whose sends
+    carry no ids), while a send with an id is only answered by its own id. Only opens at
     or before ``known_at`` count, so the flag is what one could know at that time.
     """
     window = f"INTERVAL '{int(round(window_hours * 3600))} seconds'"
@@ -50,8 +52,12 @@ def attributed_sends_sql(
         WHERE event = 'open' AND ts > {_ts(since)} AND ts <= {_ts(known_at)}
     ),
     s_all AS (
-        SELECT user_id, ts FROM events
+        SELECT user_id, ts, message_id FROM events
         WHERE event = 'send' AND ts > {_ts(since)} - {window} AND ts <= {_ts(known_at)}
+    ),
+    o_by_time AS (
+        SELECT o.* FROM o ANTI JOIN (SELECT user_id, message_id FROM s_all WHERE message_id IS NOT NULL) x
+          ON o.user_id = x.user_id AND o.message_id = x.message_id
     ),
     by_id AS (
         SELECT DISTINCT s.user_id, s.ts FROM s JOIN o
@@ -60,9 +66,9 @@ def attributed_sends_sql(
     ),
     by_time AS (
         SELECT DISTINCT o.user_id, s_all.ts
-        FROM (SELECT * FROM o WHERE message_id IS NULL) o
+        FROM o_by_time o
         ASOF JOIN s_all ON o.user_id = s_all.user_id AND o.ts >= s_all.ts
-        WHERE o.ts <= s_all.ts + {window}
+        WHERE o.ts <= s_all.ts + {window} AND (o.message_id IS NULL OR s_all.message_id IS NULL)
     )
     SELECT s.user_id, s.ts, s.slot, s.local_hour, s.local_dow,
            (b.user_id IS NOT NULL OR t.user_id IS NOT NULL) AS opened

@@ -204,6 +204,7 @@ def train(
     params: Optional[str] = typer.Option(None, "--params", help="JSON of model parameters overriding the config, e.g. '{\"num_leaves\": 63}'."),
     best_params: bool = typer.Option(False, "--best-params", help="Use the best parameters found by `sendtime tune` for this task and model."),
     no_register: bool = typer.Option(False, "--no-register", help="Log the run but do not register a model version."),
+    quarantine: Optional[Path] = QuarantineOpt,
 ) -> None:
     """Train on what happened up to --as-of, measure on a time holdout, log to MLflow and register a version."""
     from training.pipeline import train_task
@@ -218,7 +219,7 @@ def train(
         from training.tuning import best_params_for
 
         overrides = {**best_params_for(cfg, task, model), **overrides}
-    lg = _open(events, users, cfg)
+    lg = _open(events, users, cfg, quarantine)
     result = train_task(lg, task, model, cfg, as_of=_as_of(as_of), overrides=overrides,
                         register=not no_register, progress=not STATE.quiet,
                         extra_tags={"tuned": str(bool(best_params)).lower()})
@@ -303,12 +304,13 @@ def active_hours(
     users: Optional[Path] = UsersOpt,
     as_of: Optional[str] = typer.Option(None, "--as-of", help="Cut-off (default: 30 days before the last event)."),
     top_k: int = typer.Option(3, "--top-k", help="How many hours count as a customer's active hours."),
+    quarantine: Optional[Path] = QuarantineOpt,
 ) -> None:
     """Logs without opens: predicted active hours as of T beside actual purchase hours in the month after."""
     from training.evaluation import active_hours_report
 
     cfg = _cfg()
-    report = active_hours_report(_open(events, users, cfg), cfg, _as_of(as_of), top_k=top_k)
+    report = active_hours_report(_open(events, users, cfg, quarantine), cfg, _as_of(as_of), top_k=top_k)
     typer.echo(report.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
@@ -387,13 +389,14 @@ def tune(
     users: Optional[Path] = UsersOpt,
     as_of: Optional[str] = AsOfOpt,
     trials: Optional[int] = typer.Option(None, "--trials", "-n", help="Trials to run now (default tuning.trials); a study resumes where it stopped."),
+    quarantine: Optional[Path] = QuarantineOpt,
 ) -> None:
     """Optuna search on the time-split validation set; trials show in MLflow; `train --best-params` uses the result."""
     from training.datasets import build_dataset
     from training.tuning import tune as run_tune
 
     cfg = _cfg()
-    lg = _open(events, users, cfg)
+    lg = _open(events, users, cfg, quarantine)
     ds = build_dataset(lg, task, _as_of(as_of), cfg, progress=not STATE.quiet)
     study = run_tune(ds, model, cfg, trials, progress=not STATE.quiet)
     typer.echo(f"study {study.study_name}: {len(study.trials)} trials, best validation log loss "

@@ -40,6 +40,18 @@ def test_open_label_without_message_id_goes_to_latest_send(cfg):
     assert got == {("a", 8): 0, ("a", 12): 1, ("b", 8): 0}
 
 
+def test_opens_with_ids_answer_sends_logged_without_ids(cfg):
+    ev = make_events([
+        ("a", "2026-01-01 08:00", "send"),            # the sender logged no ids ...
+        ("a", "2026-01-01 09:00", "open", "x-17"),    # ... the app logged its own
+        ("a", "2026-01-01 12:00", "send", "m2"),      # a send with an id: only m2 answers it
+        ("a", "2026-01-01 13:00", "open", "x-18"),
+    ])
+    labels = open_labels(from_frames(ev), datetime(2025, 12, 31), datetime(2026, 1, 3),
+                         datetime(2026, 1, 5), cfg)
+    assert labels.sort_values("ts")["opened"].tolist() == [1, 0]
+
+
 def test_open_labels_refuse_incomplete_windows(cfg):
     ev = make_events([("a", "2026-01-01 08:00", "send")])
     with pytest.raises(ValueError, match="incomplete"):
