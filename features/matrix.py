@@ -356,6 +356,10 @@ def scalar_features(log: EventLog, as_of: datetime, cfg: Config, user_ids: pd.In
                    AS value_{longest}d,
                date_diff('second', min(ts), {t}) / 86400.0 AS days_since_first_event,
                bool_or(event = 'unsubscribe') AS unsubscribed,
+               -- sends after an unsubscribe mean the user came back; without any, no message reaches them
+               coalesce(max(ts) FILTER (WHERE event = 'unsubscribe')
+                        > coalesce(max(ts) FILTER (WHERE event = 'send'), TIMESTAMP '0001-01-01'), false)
+                   AS unreachable,
                count(*) AS n_events
         FROM events WHERE ts <= {t}
         GROUP BY user_id"""
@@ -387,9 +391,11 @@ def scalar_features(log: EventLog, as_of: datetime, cfg: Config, user_ids: pd.In
         GROUP BY a.user_id"""
     ).set_index("user_id")
     out = frame.join(streaks, how="outer").reindex(user_ids)
-    counts = [c for c in out.columns if not c.startswith("days_since") and c != "unsubscribed"]
+    flags = ("unsubscribed", "unreachable")
+    counts = [c for c in out.columns if not c.startswith("days_since") and c not in flags]
     out[counts] = out[counts].fillna(0.0)
-    out["unsubscribed"] = out["unsubscribed"].astype("boolean").fillna(False).astype(float)
+    for flag in flags:
+        out[flag] = out[flag].astype("boolean").fillna(False).astype(float)
     short, long_ = min(f.frequency_windows_days), max(f.frequency_windows_days)
     scale = long_ / short
     for event in ("open", "session", "send"):

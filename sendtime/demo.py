@@ -90,8 +90,8 @@ def run_demo(cfg: Config, data_dir: Path, users: int | None, config: Path | None
     _step("5. evaluate against the simulator's truth, beside the baselines")
     _run(["evaluate", "--tags", tags, "--truth", truth], config)
     _step("6. start the prediction service and ask it")
-    frame = pd.read_parquet(tags, columns=["user_id", "cold_start"])
-    warm = frame.loc[~frame["cold_start"], "user_id"].head(2).tolist()
+    frame = pd.read_parquet(tags, columns=["user_id", "cold_start", "unsubscribed"])
+    warm = frame.loc[~frame["cold_start"] & ~frame["unsubscribed"], "user_id"].head(2).tolist()
     cold = frame.loc[frame["cold_start"], "user_id"].head(1).tolist() or ["never-seen-user"]
     port = free_port()
     proc = start_server(port, config=config)

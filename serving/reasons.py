@@ -26,6 +26,7 @@ _PHRASES = {
     "sends_last_168h": lambda v: f"{v:.0f} messages received in the last week",
     "sends_last_24h": lambda v: f"{v:.0f} messages received in the last 24 h",
     "unsubscribed": lambda v: "unsubscribed" if v > 0 else "subscribed",
+    "unreachable": lambda v: "unsubscribed since the last message" if v > 0 else "still receives messages",
     "user_open_rate": lambda v: f"opens {v:.0%} of messages",
     "tenure_days": lambda v: f"signed up {_days(v)} ago",
 }

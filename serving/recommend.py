@@ -21,7 +21,7 @@ from features.matrix import UserMatrix
 from sendtime.config import Config
 from serving.models import Champions, load_champions
 from serving.scoring import (_prior_keys, churn_probabilities, churn_tier, prior_for, prior_lookup,
-                             slot_probabilities, tier_cutoffs)
+                             slot_probabilities, tier_cutoffs, unreachable)
 from serving.tagstore import RefreshPaths, current_refresh
 
 __all__ = ["Recommender", "window_candidates"]
@@ -63,12 +63,14 @@ class Recommender:
     index: pd.Index = field(init=False, repr=False)
     has_history: np.ndarray = field(init=False, repr=False)
     zones: np.ndarray = field(init=False, repr=False)
+    unreachable: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.index = pd.Index(self.matrix.user_ids, dtype=object)
         self.index.get_indexer(self.index[:1])   # build the hash table now, not on the first request
         self.has_history = self.matrix.scalars["has_history"].to_numpy(dtype=float) > 0
         self.zones = self.matrix.scalars["timezone"].astype(object).to_numpy()
+        self.unreachable = unreachable(self.matrix)
 
     @classmethod
     def load(cls, cfg: Config, serving_dir: Path | None = None) -> "Recommender":
@@ -92,6 +94,8 @@ class Recommender:
         known = pos >= 0
         has_history = np.zeros(len(user_ids), dtype=bool)
         has_history[known] = self.has_history[pos[known]]
+        gone = np.zeros(len(user_ids), dtype=bool)
+        gone[known] = self.unreachable[pos[known]]
         scored = np.flatnonzero(has_history)
         n_slots = self.matrix.n_slots
         slot_probs = np.full((len(user_ids), n_slots), np.nan)
@@ -124,7 +128,7 @@ class Recommender:
             probs = slot_probs[i]
             have_probs = not np.isnan(probs).all()
             send_at, send_prob, best = None, None, None
-            if have_probs:
+            if have_probs and not gone[i]:
                 best = int(np.nanargmax(probs))
                 cands = window_candidates(zones[i], start, window_hours, self.cfg.slots.kind)
                 slots = np.array([s for _, s in cands])
@@ -140,6 +144,7 @@ class Recommender:
                 "churn_prob": None if np.isnan(churn[i]) else float(churn[i]),
                 "churn_tier": tiers[i],
                 "cold_start": bool(not has_history[i]),
+                "unsubscribed": bool(gone[i]),
                 "model_versions": versions,
             })
         return results

@@ -33,6 +33,9 @@ class RecommendResult(BaseModel):
     churn_prob: Optional[float] = Field(description="probability of no engagement within the churn horizon")
     churn_tier: Optional[str] = Field(description="low / medium / high, by the configured thresholds")
     cold_start: bool = Field(description="true when the user has no history and a population prior was used")
+    unsubscribed: bool = Field(
+        default=False, description="true when the user unsubscribed after their last send: every slot's "
+                                   "probability is 0 and there is no send_at")
     model_versions: dict[str, Optional[str]] = Field(description="registered versions used, by task")
 
 

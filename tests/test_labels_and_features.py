@@ -140,3 +140,14 @@ def test_fatigue_and_recency(cfg):
     assert row["sends_last_24h"] == 3 and row["consecutive_unopened"] == 3
     assert row["days_since_session"] == pytest.approx(5.0)
     assert np.isnan(row["days_since_open"])
+
+
+def test_unreachable_means_unsubscribed_after_the_last_send(cfg):
+    ev = make_events([
+        ("gone", "2026-01-02 08:00", "send"), ("gone", "2026-01-02 09:00", "unsubscribe"),
+        ("back", "2026-01-02 08:00", "unsubscribe"), ("back", "2026-01-03 08:00", "send"),
+        ("never", "2026-01-03 08:00", "send"),
+    ])
+    m, _ = build_matrix(from_frames(ev), datetime(2026, 1, 10), cfg)
+    assert m.scalars["unreachable"].sort_index().to_dict() == {"back": 0.0, "gone": 1.0, "never": 0.0}
+    assert m.scalars.loc["back", "unsubscribed"] == 1.0

@@ -45,7 +45,9 @@ def test_shifting_every_event_shifts_the_best_slot(trained):
     best = []
     for frame, t in ((ev, as_of), (shifted, as_of + timedelta(hours=3))):
         matrix, _ = build_matrix(from_frames(frame, users), t, cfg, user_ids=pd.Index(keep))
-        active = np.flatnonzero(matrix.scalars["sessions_90d"].to_numpy() >= 15)
+        # users who unsubscribed have no best hour to move
+        active = np.flatnonzero((matrix.scalars["sessions_90d"].to_numpy() >= 15)
+                                & (matrix.scalars["unreachable"].to_numpy() == 0))
         best.append(slot_probabilities(champions, matrix, active).argmax(axis=1))
     moved = (best[1] - best[0]) % 24
     counts = np.bincount(moved, minlength=24)

@@ -18,9 +18,10 @@ def test_tag_table_has_the_contract_columns(trained):
     for col in ("user_id", "slot_open_probs", "best_slot", "best_slot_open_prob", "churn_prob",
                 "churn_tier", "open_model_version", "churn_model_version", "scored_at"):
         assert col in tags.columns, col
-    probs = np.vstack(tags["slot_open_probs"].to_numpy())
+    reachable = tags[~tags["unsubscribed"]]
+    probs = np.vstack(reachable["slot_open_probs"].to_numpy())
     assert probs.shape[1] == 24 and ((probs > 0) & (probs < 1)).all()
-    assert (probs.argmax(axis=1) == tags["best_slot"].to_numpy()).all()
+    assert (probs.argmax(axis=1) == reachable["best_slot"].to_numpy()).all()
     assert set(tags["churn_tier"]) <= {"low", "medium", "high"}
     truth = pd.read_parquet(trained["sim"] / "users.parquet")
     assert set(tags["user_id"]) >= set(truth["user_id"]) - set()  # every known user is scored
@@ -125,3 +126,17 @@ def test_a_failed_reload_keeps_the_old_state_serving(trained, tmp_path, monkeypa
     assert live.current is serving_before and "snapshot unreadable" in live.last_error
     assert live.current.recommend(["u0000001"], None, 24)[0]["user_id"] == "u0000001"
 
+
+
+def test_users_who_unsubscribed_after_their_last_send_get_no_slot(trained):
+    from features.matrix import build_matrix
+
+    cfg = trained["cfg"]
+    tags = pd.read_parquet(trained["tags"]).set_index("user_id")
+    matrix, _ = build_matrix(trained["log"], trained["log"].max_ts(), cfg)
+    gone = matrix.scalars.index[matrix.scalars["unreachable"] > 0]
+    assert len(gone) > 0
+    assert tags.loc[gone, "unsubscribed"].all() and tags.loc[gone, "best_slot"].isna().all()
+    assert all(max(p) == 0 for p in tags.loc[gone, "slot_open_probs"])
+    reachable = tags[~tags["unsubscribed"] & ~tags["cold_start"]]
+    assert reachable["best_slot"].notna().all()

@@ -17,6 +17,7 @@ from features.matrix import build_matrix
 from features.rows import all_slot_rows
 from sendtime.config import Config
 from serving.predictor import load_registered_model
+from serving.scoring import unreachable, without_unreachable
 from training import plots
 from training.evaluation import expected_log_loss, slot_capture
 from training.metrics import binary_metrics
@@ -78,6 +79,7 @@ def compare_versions(cfg: Config, task: str, versions: list[str] | None = None,
         }
         if p_true is not None and matrix is not None:
             q = model.predict(slot_rows).reshape(len(matrix), matrix.n_slots)
+            q = without_unreachable(q, unreachable(matrix))
             record["slot_capture"] = slot_capture(p_true, q.argmax(axis=1))
             record["exp_log_loss_vs_oracle"] = expected_log_loss(p_true, q) / expected_log_loss(p_true, p_true) - 1
         records.append(record)
