@@ -1,5 +1,5 @@
 """How much of the best slot can *any* estimator find from a simulated log? An upper
-reference for the model's slot capture, printed beside the model's (from its tags).
+reference for the model's slot capture and log loss, printed beside the model's (from its tags).
 
     .venv/bin/python benchmarks/quality_ceiling.py --data data/sim [--tags tags.parquet]
 
@@ -32,9 +32,10 @@ import pandas as pd
 
 from features.events import open_log
 from features.matrix import slot_counts
-from features.simulate import _GENERIC, _RHYTHM_FLOOR, ARCHETYPES, _rhythms, _von_mises
+from features.simulate import (_GENERIC, _RHYTHM_FLOOR, _SEGMENT_OPENS, _SEGMENT_SHARE, ARCHETYPES,
+                               _rhythms, _von_mises)
 from sendtime.config import load_config
-from training.evaluation import slot_capture
+from training.evaluation import expected_log_loss, slot_capture
 
 
 def _archetype_shapes() -> np.ndarray:
@@ -72,10 +73,23 @@ def counts_by_day_type(log, as_of, cfg, user_ids: pd.Index) -> tuple[np.ndarray,
     return split(c.sessions), split(c.sends), split(c.opened)
 
 
+def _base_prior(grid: np.ndarray, base_open_rate: float) -> np.ndarray:
+    """Log prior weight of each base open rate on ``grid``: the simulator's Beta per segment."""
+    from scipy.stats import beta
+
+    means = np.clip(base_open_rate * _SEGMENT_OPENS, 0.01, 0.6)
+    density = sum(share * beta.pdf(grid, 4.0, 4.0 * (1 - m) / m) for share, m in zip(_SEGMENT_SHARE, means))
+    return np.log(density * grid + 1e-300)          # the grid is geometric: weight by its spacing
+
+
 def bayes_posterior(sessions: np.ndarray, sends: np.ndarray, opened: np.ndarray, rhythm_share: float,
-                    draws: int = 4000, seed: int = 0, chunk: int = 1000) -> np.ndarray:
-    """Posterior expected capture of each hour, (users, 24), by importance sampling from the
-    simulator's prior. Fatigue and fading are folded into the base open rate."""
+                    base_open_rate: float, draws: int = 4000, seed: int = 0,
+                    chunk: int = 250) -> tuple[np.ndarray, np.ndarray]:
+    """(posterior expected capture of each hour, posterior predictive open probability of
+    each hour), both (users, 24), by importance sampling from the simulator's prior over
+    (archetype weights, personal shift) and a grid over the base open rate. Fatigue and
+    fading are folded into the base rate, so the predictive ignores them: a reference
+    for users who still engage, not for the fading."""
     rng = np.random.default_rng(seed)
     weights = rng.dirichlet(np.full(len(ARCHETYPES), 0.35), size=draws)
     rhythm = _rhythms(weights, rng.normal(0.0, 0.5, size=draws))            # (M, 2, 24), mean 1
@@ -85,23 +99,26 @@ def bayes_posterior(sessions: np.ndarray, sends: np.ndarray, opened: np.ndarray,
     r = rhythm.reshape(draws, 48)
     target = (5 * rhythm[:, 0] + 2 * rhythm[:, 1]) / 7                      # the truth's week mix
     ratio = target / target.max(axis=1, keepdims=True)
-    base_grid = np.geomspace(0.01, 0.7, 20)
-    log_p = [np.log(np.minimum(b * r, 0.95)).T for b in base_grid]
-    log_q = [np.log1p(-np.minimum(b * r, 0.95)).T for b in base_grid]
-    out = np.zeros((len(sessions), 24))
+    grid = np.geomspace(0.005, 0.7, 30)
+    log_prior = _base_prior(grid, base_open_rate)
+    log_p = [np.log(np.minimum(b * r, 0.95)).T for b in grid]
+    log_q = [np.log1p(-np.minimum(b * r, 0.95)).T for b in grid]
+    outcome = np.minimum(grid[:, None, None] * target[None], 0.95)           # (B, M, 24)
+    capture = np.zeros((len(sessions), 24))
+    predictive = np.zeros((len(sessions), 24))
     for start in range(0, len(sessions), chunk):
         part = slice(start, start + chunk)
         s = sessions[part].reshape(-1, 48)
         k = opened[part].reshape(-1, 48)
         f = sends[part].reshape(-1, 48) - k
-        ll = s @ log_session.T
-        per_base = np.stack([k @ lp + f @ lq for lp, lq in zip(log_p, log_q)])   # (B, u, M)
-        top = per_base.max(axis=0)
-        ll += top + np.log(np.exp(per_base - top).sum(axis=0))
-        ll -= ll.max(axis=1, keepdims=True)
+        ll = np.stack([k @ lp + f @ lq + prior for lp, lq, prior in zip(log_p, log_q, log_prior)])
+        ll += (s @ log_session.T)[None]                                      # (B, u, M)
+        ll -= ll.max(axis=(0, 2), keepdims=True)
         w = np.exp(ll)
-        out[part] = (w @ ratio) / w.sum(axis=1, keepdims=True)
-    return out
+        w /= w.sum(axis=(0, 2), keepdims=True)
+        capture[part] = w.sum(axis=0) @ ratio
+        predictive[part] = np.einsum("bum,bmh->uh", w, outcome)
+    return capture, predictive
 
 
 def main() -> None:
@@ -124,7 +141,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     em = structural_em(counts.sessions, counts.opened, cfg.simulate.session_rhythm_share)
     by_day = counts_by_day_type(log, log.max_ts(), cfg, pd.Index(truth["user_id"]))
-    bayes = bayes_posterior(*by_day, cfg.simulate.session_rhythm_share, draws=args.draws)
+    bayes, bayes_p = bayes_posterior(*by_day, cfg.simulate.session_rhythm_share, cfg.simulate.base_open_rate,
+                                     draws=args.draws)
     names = [a[0] for a in ARCHETYPES]
     dominant = truth["archetype"].map({n: i for i, n in enumerate(names)}).to_numpy()
     table = {
@@ -150,6 +168,11 @@ def main() -> None:
             if args.tags is not None:
                 line += f"  {capture(model, rows):.4f}"
             print(line)
+    oracle = expected_log_loss(true_p[keep], true_p[keep])
+    print(f"expected log loss vs the oracle's on the same engaged users (oracle {oracle:.4f}):")
+    print(f"  {'Bayes posterior predictive':48s} {expected_log_loss(true_p[keep], bayes_p[keep]) / oracle - 1:+.1%}")
+    if args.tags is not None:
+        print(f"  {'sendtime model (tags)':48s} {expected_log_loss(true_p[keep], model[keep]) / oracle - 1:+.1%}")
 
 
 if __name__ == "__main__":
