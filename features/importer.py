@@ -105,7 +105,12 @@ def import_table(source: str | Path, mapping: ColumnMapping, out: str | Path,
     value = f"TRY_CAST(({mapping.value}) AS DOUBLE)" if mapping.value else "CAST(NULL AS DOUBLE)"
     msg = f"CAST({_ident(mapping.message_id)} AS VARCHAR)" if mapping.message_id else "CAST(NULL AS VARCHAR)"
     channel = f"CAST({_ident(mapping.channel)} AS VARCHAR)" if mapping.channel else "CAST(NULL AS VARCHAR)"
-    bad_rows, n_quarantined = _check_source(con, mapping, user, ts, value, where, quarantine)
+    try:
+        bad_rows, n_quarantined = _check_source(con, mapping, user, ts, value, where, quarantine)
+    except duckdb.Error as exc:
+        # a --value expression naming a column that is not there, or of a type it cannot use
+        raise EventLogError(f"mapping: the source cannot be read with this mapping "
+                            f"(--value {mapping.value!r}?): {str(exc).splitlines()[0]}") from exc
     keep = f"({where[6:]}) AND NOT ({bad_rows})" if where else f"WHERE NOT ({bad_rows})"
     where = keep if keep.startswith("WHERE") else f"WHERE {keep}"
     rows = f"SELECT {user} AS user_id, {ts} AS ts, {event} AS event, {msg} AS message_id, {channel} AS channel, {value} AS value"

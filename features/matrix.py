@@ -356,10 +356,6 @@ def scalar_features(log: EventLog, as_of: datetime, cfg: Config, user_ids: pd.In
                    AS value_{longest}d,
                date_diff('second', min(ts), {t}) / 86400.0 AS days_since_first_event,
                bool_or(event = 'unsubscribe') AS unsubscribed,
-               -- sends after an unsubscribe mean the user came back; without any, no message reaches them
-               coalesce(max(ts) FILTER (WHERE event = 'unsubscribe')
-                        > coalesce(max(ts) FILTER (WHERE event = 'send'), TIMESTAMP '0001-01-01'), false)
-                   AS unreachable,
                count(*) AS n_events
         FROM events WHERE ts <= {t}
         GROUP BY user_id"""
@@ -390,6 +386,19 @@ def scalar_features(log: EventLog, as_of: datetime, cfg: Config, user_ids: pd.In
         FROM a LEFT JOIN last_open l USING (user_id)
         GROUP BY a.user_id"""
     ).set_index("user_id")
+    # no message reaches a user who unsubscribed after their last send, from that send's
+    # channel (or from every channel: an unsubscribe without one); a later send means they
+    # came back
+    gone = log.query_df(
+        f"""WITH last_send AS (
+                SELECT user_id, max(ts) AS ts, arg_max(channel, ts) AS channel
+                FROM events WHERE event = 'send' AND ts <= {t} GROUP BY user_id)
+            SELECT DISTINCT u.user_id, true AS unreachable
+            FROM events u LEFT JOIN last_send s USING (user_id)
+            WHERE u.event = 'unsubscribe' AND u.ts <= {t} AND (s.ts IS NULL OR u.ts > s.ts)
+              AND (u.channel IS NULL OR s.channel IS NULL OR u.channel = s.channel)"""
+    ).set_index("user_id")
+    frame = frame.join(gone, how="left")
     out = frame.join(streaks, how="outer").reindex(user_ids)
     flags = ("unsubscribed", "unreachable")
     counts = [c for c in out.columns if not c.startswith("days_since") and c not in flags]

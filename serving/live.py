@@ -42,6 +42,7 @@ class LiveRecommender:
     def __init__(self, cfg: Config, serving_dir: str | Path | None = None, check_seconds: float = 0) -> None:
         self.cfg = cfg
         self.serving_dir = Path(serving_dir or cfg.serving.serving_dir)
+        self._seen = self._signature()
         self._current = Recommender.load(cfg, self.serving_dir)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -56,12 +57,14 @@ class LiveRecommender:
     def current(self) -> Recommender:
         return self._current
 
-    def stale(self) -> bool:
-        """Has a newer refresh been published, or a champion alias moved, since the load?"""
+    def _signature(self) -> tuple:
         paths = current_refresh(self.serving_dir)
-        if paths is not None and paths.root != self._current.refresh.root:
-            return True
-        return _champion_versions(self.cfg) != self._current.champions.versions()
+        return (paths.root if paths else None, tuple(sorted(_champion_versions(self.cfg).items())))
+
+    def stale(self) -> bool:
+        """Has a newer refresh been published, or a champion alias moved, since the last
+        load (or the last failed one: a state that failed is not retried until it moves)?"""
+        return self._signature() != self._seen
 
     def check(self) -> bool:
         """Reload when stale; True when a new state is now serving."""
@@ -69,7 +72,9 @@ class LiveRecommender:
             try:
                 if not self.stale():
                     return False
+                self._seen = self._signature()
                 fresh = Recommender.load(self.cfg, self.serving_dir)
+                _smoke_test(fresh)
             except Exception as exc:  # noqa: BLE001 - whatever broke, the old state keeps serving
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("reload failed, still serving refresh %s: %s",
@@ -89,3 +94,10 @@ class LiveRecommender:
 
     def close(self) -> None:
         self._stop.set()
+
+
+def _smoke_test(recommender: Recommender) -> None:
+    """Answer one user with history and one unknown before serving: a champion that cannot
+    score this snapshot (a feature it lacks) fails here, not on every request."""
+    warm = recommender.matrix.user_ids[recommender.has_history][:1].tolist()
+    recommender.recommend([str(u) for u in warm] + ["sendtime-smoke-test-unknown-user"], None, 24)

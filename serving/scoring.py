@@ -176,7 +176,7 @@ def score_matrix(matrix: UserMatrix, champions: Champions, cfg: Config, scored_a
         tags["slot_open_probs"] = rows if scored.all() else [r if k else None for r, k in zip(rows, scored)]
         tags["best_slot"] = pd.array(np.where(known, best, 0), dtype="Int64")
         tags.loc[~known, "best_slot"] = pd.NA
-        tags["best_slot_open_prob"] = np.where(scored, slot_probs[np.arange(n), best], np.nan).astype(float)
+        tags["best_slot_open_prob"] = np.where(known, slot_probs[np.arange(n), best], np.nan).astype(float)
     else:
         tags["slot_open_probs"] = None
         tags["best_slot"] = pd.array([None] * n, dtype="Int64")

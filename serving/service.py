@@ -9,7 +9,7 @@ rows and run the trees. Configuration comes from ``SENDTIME_CONFIG`` (a TOML ove
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Annotated, Optional
 
 import bentoml
@@ -109,4 +109,11 @@ def _parse_window_start(text: str | None) -> datetime | None:
     except ValueError:
         raise InvalidArgument(f"window_start: {text!r} is not an ISO 8601 time "
                               "(for example 2026-01-05T00:00:00Z)") from None
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+    value = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+    try:
+        # the window and every zone's local time must stay representable
+        value.astimezone(timezone.utc) + timedelta(days=30)
+        value.astimezone(timezone.utc) - timedelta(days=2)
+    except OverflowError:
+        raise InvalidArgument(f"window_start: {text!r} is out of range") from None
+    return value

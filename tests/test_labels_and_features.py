@@ -151,3 +151,13 @@ def test_unreachable_means_unsubscribed_after_the_last_send(cfg):
     m, _ = build_matrix(from_frames(ev), datetime(2026, 1, 10), cfg)
     assert m.scalars["unreachable"].sort_index().to_dict() == {"back": 0.0, "gone": 1.0, "never": 0.0}
     assert m.scalars.loc["back", "unsubscribed"] == 1.0
+
+
+def test_an_unsubscribe_from_another_channel_leaves_the_user_reachable(cfg):
+    ev = make_events([("a", "2026-01-02 08:00", "send"), ("a", "2026-01-02 09:00", "unsubscribe")])
+    ev["channel"] = ["push", "email"]
+    m, _ = build_matrix(from_frames(ev), datetime(2026, 1, 10), cfg)
+    assert m.scalars.loc["a", "unreachable"] == 0.0
+    ev["channel"] = ["push", "push"]
+    m, _ = build_matrix(from_frames(ev), datetime(2026, 1, 10), cfg)
+    assert m.scalars.loc["a", "unreachable"] == 1.0

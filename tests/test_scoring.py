@@ -124,7 +124,30 @@ def test_a_failed_reload_keeps_the_old_state_serving(trained, tmp_path, monkeypa
         lambda cls, *a, **k: (_ for _ in ()).throw(OSError("snapshot unreadable"))))
     assert not live.check()
     assert live.current is serving_before and "snapshot unreadable" in live.last_error
-    assert live.current.recommend(["u0000001"], None, 24)[0]["user_id"] == "u0000001"
+    warm = str(serving_before.matrix.user_ids[serving_before.has_history][0])
+    answer = live.current.recommend([warm], None, 24)[0]
+    assert not answer["cold_start"] and answer["send_at"] is not None
+
+
+def test_a_champion_that_cannot_score_the_snapshot_is_not_swapped_in(trained, monkeypatch):
+    from serving import live as live_module
+    from serving.live import LiveRecommender
+
+    cfg = trained["cfg"]
+    live = LiveRecommender(cfg, check_seconds=0)
+    serving_before = live.current
+    real_load = live_module.Recommender.load.__func__
+
+    def load_with_a_model_that_wants_more(cls, *args, **kwargs):
+        fresh = real_load(cls, *args, **kwargs)
+        fresh.matrix.scalars = fresh.matrix.scalars.drop(columns=["sessions_90d"])  # an older snapshot
+        return fresh
+
+    monkeypatch.setattr(live_module.Recommender, "load", classmethod(load_with_a_model_that_wants_more))
+    monkeypatch.setattr(live_module.LiveRecommender, "_signature", lambda self: ("moved",))
+    assert not live.check() and live.current is serving_before and live.last_error
+    # the same failed state is not reloaded every few seconds
+    assert not live.stale()
 
 
 
@@ -137,6 +160,17 @@ def test_users_who_unsubscribed_after_their_last_send_get_no_slot(trained):
     gone = matrix.scalars.index[matrix.scalars["unreachable"] > 0]
     assert len(gone) > 0
     assert tags.loc[gone, "unsubscribed"].all() and tags.loc[gone, "best_slot"].isna().all()
+    assert tags.loc[gone, "best_slot_open_prob"].isna().all()
     assert all(max(p) == 0 for p in tags.loc[gone, "slot_open_probs"])
     reachable = tags[~tags["unsubscribed"] & ~tags["cold_start"]]
     assert reachable["best_slot"].notna().all()
+
+
+def test_recommend_tells_the_scheduler_not_to_send_to_the_unsubscribed(trained):
+    from serving.recommend import Recommender
+
+    rec = Recommender.load(trained["cfg"])
+    user = str(rec.matrix.user_ids[rec.unreachable][0])
+    answer = rec.recommend([user], None, 24)[0]
+    assert answer["unsubscribed"] and answer["send_at"] is None and answer["best_slot"] is None
+    assert max(answer["slot_open_probs"]) == 0

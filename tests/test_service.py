@@ -68,6 +68,7 @@ def test_send_at_respects_a_narrow_window(server):
     ({"user_ids": ["u1"], "window_hours": True}, "window_hours"),
     ({"user_ids": ["u1"], "window_hours": 2.5}, "window_hours"),
     ({"user_ids": [1, 2]}, "user_ids"),
+    ({"user_ids": ["u1"], "window_start": "9999-12-31T23:00:00Z"}, "window_start"),
 ])
 def test_bad_requests_get_4xx_naming_the_field(server, body, field):
     url, _ = server
