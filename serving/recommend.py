@@ -70,7 +70,7 @@ class Recommender:
         self.index.get_indexer(self.index[:1])   # build the hash table now, not on the first request
         self.has_history = self.matrix.scalars["has_history"].to_numpy(dtype=float) > 0
         self.zones = self.matrix.scalars["timezone"].astype(object).to_numpy()
-        self.unreachable = unreachable(self.matrix)
+        self.unreachable = unreachable(self.matrix.scalars)
 
     @classmethod
     def load(cls, cfg: Config, serving_dir: Path | None = None) -> "Recommender":

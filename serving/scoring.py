@@ -40,16 +40,18 @@ def slot_probabilities(champions: Champions, matrix: UserMatrix, positions: np.n
     positions = np.asarray(positions)
     x = encode_all_slot_rows(champions.open.spec, matrix, positions)
     probs = champions.open.predict_array(x).reshape(len(positions), matrix.n_slots)
-    return without_unreachable(probs, unreachable(matrix, positions))
+    return without_unreachable(probs, unreachable(matrix.scalars, positions))
 
 
-def unreachable(matrix: UserMatrix, positions: np.ndarray | None = None) -> np.ndarray:
-    """Users whose last unsubscribe came after their last send."""
-    if "unreachable" not in matrix.scalars:
-        n = len(matrix) if positions is None else len(positions)
+def unreachable(scalars: pd.DataFrame, positions: np.ndarray | None = None) -> np.ndarray:
+    """Users whose last unsubscribe came after their last send (none in a snapshot written
+    before the flag existed)."""
+    n = len(scalars) if positions is None else len(positions)
+    if "unreachable" not in scalars:
         return np.zeros(n, dtype=bool)
-    flag = matrix.scalars["unreachable"].to_numpy(dtype=float) > 0
-    return flag if positions is None else flag[np.asarray(positions)]
+    flag = scalars["unreachable"].to_numpy()
+    # index before comparing: a request asks about a few users of a million
+    return (flag if positions is None else flag[np.asarray(positions)]) > 0
 
 
 def without_unreachable(probs: np.ndarray, gone: np.ndarray) -> np.ndarray:
@@ -103,10 +105,8 @@ def cold_start_priors(scalars: pd.DataFrame, attributes: tuple[str, ...], slot_p
                       churn: np.ndarray | None) -> pd.DataFrame:
     """Mean predictions of users with history, by time zone + attributes, by time zone,
     and overall; groups under a minimum size are left out (the next level answers)."""
-    known = scalars["has_history"].to_numpy() > 0
-    if "unreachable" in scalars:
-        # a new user is reachable: priors come from users a message can reach
-        known &= scalars["unreachable"].to_numpy(dtype=float) == 0
+    # a new user is reachable: priors come from users a message can reach
+    known = (scalars["has_history"].to_numpy() > 0) & ~unreachable(scalars)
     full, tz = _prior_keys(scalars, attributes)
     records = []
     for level, keys in (("attributes", full), ("timezone", tz), ("global", pd.Series("*", index=tz.index))):
@@ -165,17 +165,17 @@ def score_matrix(matrix: UserMatrix, champions: Champions, cfg: Config, scored_a
             if churn is not None and prior["churn_prob"] is not None:
                 churn[i] = prior["churn_prob"]
     versions = champions.versions()
+    gone = unreachable(matrix.scalars)
     tags = pd.DataFrame({"user_id": matrix.user_ids.astype(str)})
     if slot_probs is not None:
         # a user with neither a score nor a prior, or one no message reaches, has no best
         # slot (not a false slot 0)
         scored = ~np.isnan(slot_probs).all(axis=1)
-        known = scored & ~unreachable(matrix)
+        known = scored & ~gone
         best = np.nan_to_num(slot_probs, nan=-1.0).argmax(axis=1)
         rows = list(slot_probs.astype(float))
         tags["slot_open_probs"] = rows if scored.all() else [r if k else None for r, k in zip(rows, scored)]
-        tags["best_slot"] = pd.array(np.where(known, best, 0), dtype="Int64")
-        tags.loc[~known, "best_slot"] = pd.NA
+        tags["best_slot"] = pd.Series(best).where(known).astype("Int64")
         tags["best_slot_open_prob"] = np.where(known, slot_probs[np.arange(n), best], np.nan).astype(float)
     else:
         tags["slot_open_probs"] = None
@@ -199,7 +199,7 @@ def score_matrix(matrix: UserMatrix, champions: Champions, cfg: Config, scored_a
     tags["churn_model_version"] = versions["churn"]
     tags["scored_at"] = pd.Timestamp(scored_at).tz_localize("UTC") if scored_at.tzinfo is None else pd.Timestamp(scored_at)
     tags["cold_start"] = cold
-    tags["unsubscribed"] = unreachable(matrix)
+    tags["unsubscribed"] = gone
     return tags[TAG_COLUMNS], priors
 
 

@@ -79,7 +79,7 @@ def compare_versions(cfg: Config, task: str, versions: list[str] | None = None,
         }
         if p_true is not None and matrix is not None:
             q = model.predict(slot_rows).reshape(len(matrix), matrix.n_slots)
-            q = without_unreachable(q, unreachable(matrix))
+            q = without_unreachable(q, unreachable(matrix.scalars))
             record["slot_capture"] = slot_capture(p_true, q.argmax(axis=1))
             record["exp_log_loss_vs_oracle"] = expected_log_loss(p_true, q) / expected_log_loss(p_true, p_true) - 1
         records.append(record)
