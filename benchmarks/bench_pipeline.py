@@ -32,7 +32,7 @@ def _peak_mb() -> float:
 def stage_features_duckdb(data: Path) -> dict:
     from features.events import open_log
     from features.matrix import build_matrix
-    from sendtime.config import load_config
+    from configs import load_config
 
     cfg = load_config()
     start = time.perf_counter()
@@ -49,7 +49,7 @@ def stage_features_pandas(data: Path) -> dict:
     import numpy as np
     import pandas as pd
 
-    from sendtime.config import load_config
+    from configs import load_config
 
     cfg = load_config()
     start = time.perf_counter()
@@ -80,7 +80,7 @@ def stage_features_pandas(data: Path) -> dict:
 
 def stage_training(data: Path, library: str) -> dict:
     from features.events import open_log
-    from sendtime.config import load_config
+    from configs import load_config
     from training.datasets import build_dataset
     from training.pipeline import fit_and_evaluate
 
@@ -99,7 +99,7 @@ def stage_training(data: Path, library: str) -> dict:
 
 def stage_scoring(data: Path) -> dict:
     from features.events import open_log
-    from sendtime.config import load_config
+    from configs import load_config
     from serving.models import load_champions
     from serving.scoring import refresh_tags
 
@@ -120,7 +120,7 @@ def stage_raw_predict(data: Path) -> dict:
     import numpy as np
     import pandas as pd
 
-    from sendtime.config import load_config
+    from configs import load_config
     from serving.models import load_champions
 
     cfg = load_config()
@@ -165,8 +165,8 @@ def main() -> None:
         return
     data = args.data or ROOT / "data" / f"bench-{args.users}"
     if not (data / "events.parquet").exists():
-        from features.simulate import simulate
-        from sendtime.config import load_config
+        from simulator.generate import simulate
+        from configs import load_config
 
         start = time.perf_counter()
         simulate(load_config(), data, users=args.users, days=args.days, seed=7)

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pandas as pd
 
-from sendtime.config import load_config
+from configs import load_config
 from sendtime.demo import free_port, start_server, stop_server, wait_ready
 from serving.tagstore import current_refresh
 

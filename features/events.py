@@ -18,9 +18,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import duckdb
 import pandas as pd
 
+from configs import EVENT_NAMES, SendtimeError
+
 __all__ = [
     "EVENT_KINDS",
-    "ENGAGEMENT_EVENTS",
     "EventLog",
     "EventLogError",
     "open_log",
@@ -30,14 +31,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EVENT_KINDS: tuple[str, ...] = ("send", "open", "click", "purchase", "session", "unsubscribe")
-ENGAGEMENT_EVENTS: tuple[str, ...] = ("open", "click", "purchase", "session")
+EVENT_KINDS = EVENT_NAMES
 _OPTIONAL_EVENT_COLUMNS = ("message_id", "channel", "value")
 _RESERVED_USER_COLUMNS = ("user_id", "signup_ts", "timezone")
 _SHOW_BAD_ROWS = 5
 
 
-class EventLogError(ValueError):
+class EventLogError(SendtimeError, ValueError):
     """Input that breaks the contract; the message names the column, the count and rows."""
 
 

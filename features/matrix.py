@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 
 from features.attribution import attributed_sends_sql, slot_expr
-from features.events import ENGAGEMENT_EVENTS, EventLog
-from sendtime.config import Config
+from features.events import EventLog
+from configs import Config
 
 __all__ = [
     "SLOT_FAMILIES",
@@ -259,7 +259,7 @@ def population_priors(counts: SlotCounts | list[SlotCounts], cfg: Config) -> Pop
                             profile_mean=mean, profile_basis=basis)
 
 
-def _circular(values: np.ndarray, kernel: tuple[float, ...]) -> np.ndarray:
+def circular_smooth(values: np.ndarray, kernel: tuple[float, ...]) -> np.ndarray:
     """Weighted sum over neighbouring slots, wrapping around midnight (and the week)."""
     out = kernel[0] * values
     for offset, weight in enumerate(kernel[1:], start=1):
@@ -285,8 +285,8 @@ def slot_features(counts: SlotCounts, priors: PopulationPriors, cfg: Config) -> 
     prior = np.clip(user_rate * shape, 1e-4, 0.999)
     eb_rate = (counts.opened + f.slot_prior_strength * prior) / (counts.sends + f.slot_prior_strength)
     kernel = f.circular_kernel
-    circ_sends = _circular(counts.sends, kernel)
-    circ_opened = _circular(counts.opened, kernel)
+    circ_sends = circular_smooth(counts.sends, kernel)
+    circ_opened = circular_smooth(counts.opened, kernel)
     circ_rate = (circ_opened + f.slot_prior_strength * prior) / (circ_sends + f.slot_prior_strength)
 
     def share(values: np.ndarray) -> np.ndarray:
@@ -301,10 +301,10 @@ def slot_features(counts: SlotCounts, priors: PopulationPriors, cfg: Config) -> 
     profile_rate = np.clip(prior * np.exp(recon - priors.profile_mean), 1e-4, 0.999)
     rate_rank = np.argsort(np.argsort(-circ_rate, axis=1), axis=1)
     wide = f.session_kernel
-    circ_sess = _circular(counts.sessions + counts.purchases_at, wide)
+    circ_sess = circular_smooth(counts.sessions + counts.purchases_at, wide)
     session_circ = (circ_sess + 1e-3) / (circ_sess.sum(axis=1, keepdims=True) + 1e-3 * n_slots) * n_slots
-    wide_rate = (_circular(counts.opened, wide) + f.slot_prior_strength * prior) / (
-        _circular(counts.sends, wide) + f.slot_prior_strength)
+    wide_rate = (circular_smooth(counts.opened, wide) + f.slot_prior_strength * prior) / (
+        circular_smooth(counts.sends, wide) + f.slot_prior_strength)
     pooled_rate = wide_rate * session_circ
     families = {
         "sends": counts.sends,

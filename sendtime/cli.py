@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from sendtime.config import Config, ConfigError, load_config
+from configs import Config, ConfigError, load_config
 
 app = typer.Typer(
     name="sendtime",
@@ -156,7 +156,7 @@ def simulate(
     exploration: Optional[float] = typer.Option(None, "--exploration", help="Share of sends at a random hour (default simulate.exploration)."),
 ) -> None:
     """Generate a realistic behaviour log with known truth (true per-slot open probabilities, churn)."""
-    from features.simulate import simulate as run
+    from simulator.generate import simulate as run
 
     cfg = _cfg()
     if exploration is not None:
@@ -285,7 +285,7 @@ def evaluate(
     """On simulated data: slot capture, expected log loss vs the oracle, churn AUC, beside baselines."""
     import pandas as pd
 
-    from training.evaluation import evaluate_against_truth
+    from simulator.judge import evaluate_against_truth
 
     cfg = _cfg()
     events = events or (truth.parent / "events.parquet")

@@ -16,7 +16,7 @@ import httpx
 import pandas as pd
 import typer
 
-from sendtime.config import Config
+from configs import Config
 
 __all__ = ["run_demo", "free_port", "wait_ready", "start_server"]
 

@@ -14,7 +14,7 @@ import logging
 import threading
 from pathlib import Path
 
-from sendtime.config import Config
+from configs import Config
 from serving.recommend import Recommender
 from serving.tagstore import current_refresh
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from sendtime.config import Config
+from configs import Config
 from serving.predictor import LoadedModel, NoChampionError, load_registered_model
 
 __all__ = ["Champions", "load_champions"]

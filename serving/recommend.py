@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from features.matrix import UserMatrix
-from sendtime.config import Config
+from configs import Config
 from serving.models import Champions, load_champions
 from serving.scoring import (_prior_keys, churn_probabilities, churn_tier, prior_for, prior_lookup,
                              slot_probabilities, tier_cutoffs, unreachable)

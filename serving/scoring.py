@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from features.events import EventLog
 from features.matrix import UserMatrix, build_matrix
 from features.rows import churn_rows, encode_all_slot_rows
-from sendtime.config import Config
+from configs import Config
 from serving.models import Champions
 from serving.tagstore import RefreshPaths, new_refresh_dir, publish_refresh, write_store
 

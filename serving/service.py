@@ -16,7 +16,7 @@ import bentoml
 from bentoml.exceptions import InvalidArgument
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 
-from sendtime.config import load_config
+from configs import load_config
 from serving.live import LiveRecommender
 
 __all__ = ["Sendtime", "RecommendResult", "RecommendResponse"]

@@ -7,7 +7,7 @@ import os
 import pandas as pd
 import pytest
 
-from sendtime.config import load_config
+from configs import load_config
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -64,7 +64,7 @@ serving_dir = "{root}/serving"
 @pytest.fixture(scope="session")
 def sim_dir(tmp_path_factory):
     """A small simulated log (1,500 users, 100 days), generated once."""
-    from features.simulate import simulate
+    from simulator.generate import simulate
 
     out = tmp_path_factory.mktemp("sim")
     simulate(load_config(), out, users=1500, days=100, seed=11, progress=False)

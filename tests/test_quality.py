@@ -10,7 +10,7 @@ from features.events import from_frames
 from features.matrix import build_matrix
 from serving.models import load_champions
 from serving.scoring import slot_probabilities
-from training.evaluation import evaluate_against_truth
+from simulator.judge import evaluate_against_truth
 
 pytestmark = pytest.mark.integration
 

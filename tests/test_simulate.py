@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features.simulate import simulate
+from simulator.generate import simulate
 
 
 @pytest.fixture(scope="module")

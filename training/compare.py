@@ -15,11 +15,11 @@ from mlflow import MlflowClient
 from features.events import EventLog
 from features.matrix import build_matrix
 from features.rows import all_slot_rows
-from sendtime.config import Config
+from configs import Config
 from serving.predictor import load_registered_model
 from serving.scoring import unreachable, without_unreachable
 from training import plots
-from training.evaluation import expected_log_loss, slot_capture
+from simulator.judge import expected_log_loss, slot_capture
 from training.metrics import binary_metrics
 from training.registry import list_versions, load_holdout
 from training.tracking import configure_tracking

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from features.events import EventLog
 from features.matrix import build_matrix
 from features.rows import churn_rows, open_rows
-from sendtime.config import Config
+from configs import Config
 from training.labels import churn_labels, open_labels
 
 __all__ = ["Dataset", "Split", "build_dataset", "open_snapshots", "churn_snapshots", "TaskNotTrainable"]
@@ -134,12 +134,13 @@ def _concat(splits: list[Split]) -> Split:
     )
 
 
-def _check_events(log: EventLog, task: str) -> None:
+def _check_events(log: EventLog, task: str, cfg: Config) -> None:
     counts = log.event_counts()
     need = {"open": ("send", "open"), "churn": ()}[task]
     missing = [e for e in need if not counts.get(e)]
-    if task == "churn" and not any(counts.get(e) for e in ("open", "click", "purchase", "session")):
-        missing = ["an engagement event (open, click, purchase or session)"]
+    engagement = cfg.labels.engagement_events
+    if task == "churn" and not any(counts.get(e) for e in engagement):
+        missing = [f"an engagement event ({', '.join(engagement)})"]
     if missing:
         have = ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "no events"
         raise TaskNotTrainable(
@@ -152,7 +153,7 @@ def build_dataset(log: EventLog, task: str, as_of: datetime | None, cfg: Config,
     """Train/validation/holdout for ``task`` from what happened up to ``as_of``."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    _check_events(log, task)
+    _check_events(log, task, cfg)
     first, last = log.min_ts(), log.max_ts()
     as_of = as_of or last
     window = timedelta(hours=cfg.labels.open_attribution_hours)

@@ -14,7 +14,7 @@ import pandas as pd
 
 from features.attribution import attributed_sends_sql
 from features.events import EventLog
-from sendtime.config import Config
+from configs import Config
 
 __all__ = ["open_labels", "churn_labels"]
 
@@ -43,7 +43,7 @@ def open_labels(log: EventLog, since: datetime, until: datetime, known_at: datet
 def churn_labels(log: EventLog, snapshot: datetime, cfg: Config) -> pd.DataFrame:
     """The churn population at ``snapshot`` with ``churned`` (needs the horizon observed)."""
     lab = cfg.labels
-    eng = ", ".join(f"'{e}'" for e in lab.engagement_events)
+    eng = lab.engagement_sql()
     t = _ts(snapshot)
     frame = log.query_df(
         f"""SELECT user_id,

@@ -22,7 +22,7 @@ from mlflow.models import infer_signature
 
 from features.events import EventLog
 from features.rows import FeatureSpec
-from sendtime.config import Config
+from configs import Config
 from serving.predictor import apply_calibration
 from training import plots
 from training.calibration import fit_calibrator

@@ -15,7 +15,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from sendtime.config import Config
+from configs import Config
 from serving.predictor import load_registered_model
 from training.metrics import binary_metrics
 from training.tracking import configure_tracking

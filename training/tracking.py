@@ -8,7 +8,7 @@ from urllib.parse import urlparse
 
 import mlflow
 
-from sendtime.config import Config
+from configs import Config
 
 __all__ = ["configure_tracking", "artifact_root", "datasets_dir"]
 

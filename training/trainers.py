@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import xgboost as xgb
 
-from sendtime.config import Config
+from configs import Config
 
 __all__ = ["LIBRARIES", "Fitted", "fit_model", "predict_raw", "feature_importance"]
 

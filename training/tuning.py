@@ -11,7 +11,7 @@ from typing import Any
 import mlflow
 import optuna
 
-from sendtime.config import Config
+from configs import Config
 from training.datasets import Dataset
 from training.tracking import configure_tracking
 from training.trainers import fit_model

@@ -19,6 +19,7 @@ too, but only to label churn in ``truth.parquet``.
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -29,9 +30,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from sendtime.config import Config
+from configs import Config, atomic_path
 
-__all__ = ["simulate", "SimulationSummary", "ARCHETYPES"]
+__all__ = ["ARCHETYPES", "GENERIC_SESSION_SHAPE", "RHYTHM_FLOOR", "SEGMENT_OPENS", "SEGMENT_SHARE",
+           "SimulationSummary", "rhythms", "simulate", "von_mises"]
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +46,16 @@ ARCHETYPES: tuple[tuple[str, float, float, float], ...] = (
     ("late_night", 23.3, 0.3, 6.0),
 )
 _SEGMENTS = np.array(["high_value", "potential", "silent"])
-_SEGMENT_SHARE = np.array([0.25, 0.45, 0.30])
+SEGMENT_SHARE = np.array([0.25, 0.45, 0.30])
 _SEGMENT_SENDS = np.array([1.35, 1.0, 0.55])     # x send_rate
-_SEGMENT_OPENS = np.array([1.4, 1.0, 0.55])      # x base_open_rate
+SEGMENT_OPENS = np.array([1.4, 1.0, 0.55])      # x base_open_rate
 _SEGMENT_SESSIONS = np.array([1.7, 1.0, 0.45])   # x sessions_per_day
 _REGION = {"Asia/Shanghai": "cn", "Europe/London": "uk", "America/New_York": "us",
            "Asia/Kolkata": "in", "Australia/Sydney": "au"}
 _DEVICES = np.array(["ios", "android", "web"])
 _AGES = np.array(["18-24", "25-34", "35-44", "45+"])
 _CHUNK = 25_000
-_RHYTHM_FLOOR = 0.12
+RHYTHM_FLOOR = 0.12
 
 
 @dataclass(frozen=True)
@@ -66,25 +68,25 @@ class SimulationSummary:
     n_events: int
 
 
-def _von_mises(hours: np.ndarray, peak: float, kappa: float) -> np.ndarray:
+def von_mises(hours: np.ndarray, peak: float, kappa: float) -> np.ndarray:
     return np.exp(kappa * (np.cos(2 * np.pi * (hours - peak) / 24.0) - 1.0))
 
 
-def _rhythms(weights: np.ndarray, shift: np.ndarray) -> np.ndarray:
+def rhythms(weights: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """(n_users, 2 [weekday, weekend], 24) rhythm, normalised to mean 1 over hours."""
     hours = np.arange(24.0)
-    out = np.full((len(weights), 2, 24), _RHYTHM_FLOOR)
+    out = np.full((len(weights), 2, 24), RHYTHM_FLOOR)
     for k, (_, wd, we, kappa) in enumerate(ARCHETYPES):
         for day_type, peak, kap in ((0, wd, kappa), (1, we, kappa * 0.7)):
-            bump = _von_mises(hours[None, :] - shift[:, None], peak, kap)
+            bump = von_mises(hours[None, :] - shift[:, None], peak, kap)
             out[:, day_type, :] += weights[:, k, None] * bump
     return out / out.mean(axis=2, keepdims=True)
 
 
 # a generic app-usage profile: sessions not driven by the user's own rhythm
-_GENERIC = np.array([0.2, 0.1, 0.05, 0.05, 0.05, 0.1, 0.3, 0.6, 0.8, 0.9, 1.0, 1.0,
+GENERIC_SESSION_SHAPE = np.array([0.2, 0.1, 0.05, 0.05, 0.05, 0.1, 0.3, 0.6, 0.8, 0.9, 1.0, 1.0,
                      1.1, 1.0, 0.9, 0.9, 1.0, 1.0, 1.1, 1.2, 1.3, 1.2, 0.9, 0.5])
-_GENERIC_CDF = np.cumsum(_GENERIC / _GENERIC.sum())
+GENERIC_CDF = np.cumsum(GENERIC_SESSION_SHAPE / GENERIC_SESSION_SHAPE.sum())
 
 
 def _offsets_minutes(zones: list[str], start: pd.Timestamp, n_days: int) -> np.ndarray:
@@ -115,11 +117,11 @@ class _Chunk:
         shares = np.array(list(sim.timezones.values()), dtype=float)
         self.user_ids = np.array([f"u{i:07d}" for i in range(first_user + 1, first_user + n + 1)])
         self.zone = rng.choice(len(zones), size=n, p=shares / shares.sum())
-        self.segment = rng.choice(3, size=n, p=_SEGMENT_SHARE)
+        self.segment = rng.choice(3, size=n, p=SEGMENT_SHARE)
         self.weights = rng.dirichlet(np.full(len(ARCHETYPES), 0.35), size=n)
         self.shift = rng.normal(0.0, 0.5, size=n)   # personal offset of the peaks, in hours
-        self.rhythm = _rhythms(self.weights, self.shift)
-        mean_open = np.clip(sim.base_open_rate * _SEGMENT_OPENS[self.segment], 0.01, 0.6)
+        self.rhythm = rhythms(self.weights, self.shift)
+        mean_open = np.clip(sim.base_open_rate * SEGMENT_OPENS[self.segment], 0.01, 0.6)
         self.base = rng.beta(4.0, 4.0 * (1 - mean_open) / mean_open)
         self.send_rate = np.clip(sim.send_rate * _SEGMENT_SENDS[self.segment]
                                  * rng.lognormal(0, 0.15, n), 0.02, 1.0)
@@ -200,14 +202,14 @@ class _Chunk:
                 rhythm = self.rhythm[users, int(weekend)]
                 cdf = np.cumsum(rhythm, axis=1) / rhythm.sum(axis=1, keepdims=True)
                 own = _sample_hours(rng, cdf)
-                generic = _sample_hours(rng, np.broadcast_to(_GENERIC_CDF, (len(users), 24)))
+                generic = _sample_hours(rng, np.broadcast_to(GENERIC_CDF, (len(users), 24)))
                 hour = np.where(rng.random(len(users)) < sim.session_rhythm_share, own, generic)
                 local = d + (hour + rng.random(len(users))) / 24
                 t = local - self.offsets[self.zone[users], d] / 1440.0
                 keep = t >= 0
                 users, t = users[keep], t[keep]
                 self._emit(users, t, "session")
-                buy = rng.random(len(users)) < sim.purchase_per_session * _SEGMENT_OPENS[self.segment[users]]
+                buy = rng.random(len(users)) < sim.purchase_per_session * SEGMENT_OPENS[self.segment[users]]
                 if buy.any():
                     self._emit(users[buy], t[buy] + rng.uniform(2, 30, buy.sum()) / 1440, "purchase",
                                value=np.round(rng.lognormal(3.1, 0.8, buy.sum()), 2))
@@ -265,7 +267,7 @@ class _Chunk:
             event = msg = channel = np.zeros(0, dtype=object)
             value = np.zeros(0)
         ts_us = (self.start.value // 1000 + np.round(t * 86400e6)).astype(np.int64)
-        engagement = np.isin(event, ("open", "click", "purchase", "session"))
+        engagement = np.isin(event, self.cfg.labels.engagement_events)
         truth = self._truth(user, t, engagement, snapshot_day)
         keep = t <= snapshot_day
         order = np.lexsort((ts_us[keep], user[keep]))
@@ -357,29 +359,29 @@ def simulate(cfg: Config, out_dir: Path, *, users: int | None = None, days: int 
     n_chunks = (n_users + _CHUNK - 1) // _CHUNK
     seeds = np.random.SeedSequence(seed).spawn(n_chunks)
     paths = {name: out_dir / f"{name}.parquet" for name in ("events", "users", "truth")}
-    tmp = {name: path.with_name(f".{path.name}.tmp") for name, path in paths.items()}
     writers: dict[str, pq.ParquetWriter] = {}
     n_events = 0
-    try:
-        for i in tqdm(range(n_chunks), desc="simulating users", unit="chunk", disable=not progress):
-            first = i * _CHUNK
-            chunk = _Chunk(cfg, np.random.default_rng(seeds[i]), first, min(_CHUNK, n_users - first), n_days,
-                           start, zones, offsets, zones.index(sim.sender_timezone))
-            chunk.run()
-            events, users_frame, truth = chunk.frames(float(n_days))
-            tables = {"events": events,
-                      "users": pa.Table.from_pandas(users_frame, preserve_index=False),
-                      "truth": pa.Table.from_pandas(truth, preserve_index=False)}
-            for name, table in tables.items():
-                if name not in writers:
-                    writers[name] = pq.ParquetWriter(tmp[name], table.schema)
-                writers[name].write_table(table)
-            n_events += events.num_rows
-    finally:
-        for w in writers.values():
-            w.close()
-    for name in paths:
-        tmp[name].replace(paths[name])
+    # the three tables appear together or not at all (a crash leaves the old ones)
+    with ExitStack() as stack:
+        tmp = {name: stack.enter_context(atomic_path(path)) for name, path in paths.items()}
+        try:
+            for i in tqdm(range(n_chunks), desc="simulating users", unit="chunk", disable=not progress):
+                first = i * _CHUNK
+                chunk = _Chunk(cfg, np.random.default_rng(seeds[i]), first, min(_CHUNK, n_users - first),
+                               n_days, start, zones, offsets, zones.index(sim.sender_timezone))
+                chunk.run()
+                events, users_frame, truth = chunk.frames(float(n_days))
+                tables = {"events": events,
+                          "users": pa.Table.from_pandas(users_frame, preserve_index=False),
+                          "truth": pa.Table.from_pandas(truth, preserve_index=False)}
+                for name, table in tables.items():
+                    if name not in writers:
+                        writers[name] = pq.ParquetWriter(tmp[name], table.schema)
+                    writers[name].write_table(table)
+                n_events += events.num_rows
+        finally:
+            for w in writers.values():
+                w.close()
     (out_dir / "snapshot.txt").write_text(snapshot.isoformat() + "\n")
     return SimulationSummary(events_path=paths["events"], users_path=paths["users"], truth_path=paths["truth"],
                              snapshot=snapshot, n_users=n_users, n_events=n_events)

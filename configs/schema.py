@@ -16,6 +16,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from configs.choices import EVENT_NAMES
+from configs.errors import SendtimeError
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -35,7 +38,7 @@ __all__ = [
 DEFAULT_CONFIG_ENV = "SENDTIME_CONFIG"
 
 
-class ConfigError(ValueError):
+class ConfigError(SendtimeError, ValueError):
     """A configuration file that does not have the expected shape."""
 
 
@@ -66,6 +69,18 @@ class LabelConfig(_Frozen):
     churn_lookback_days: int = Field(gt=0)
     churn_horizon_days: int = Field(gt=0)
     engagement_events: tuple[str, ...]
+
+    @field_validator("engagement_events")
+    @classmethod
+    def _known_events(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [e for e in value if e not in EVENT_NAMES]
+        if unknown or not value:
+            raise ValueError(f"engagement_events: {unknown or 'empty'}; choose from {', '.join(EVENT_NAMES)}")
+        return value
+
+    def engagement_sql(self) -> str:
+        """The engagement events as a SQL list, e.g. ``'open', 'click'`` (names are validated)."""
+        return ", ".join(f"'{e}'" for e in self.engagement_events)
 
 
 class FeatureConfig(_Frozen):
