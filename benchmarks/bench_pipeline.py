@@ -101,7 +101,7 @@ def stage_scoring(data: Path) -> dict:
     from features.events import open_log
     from configs import load_config
     from serving.models import load_champions
-    from serving.scoring import refresh_tags
+    from serving.refresh import refresh_tags
 
     cfg = load_config()
     champions = load_champions(cfg)

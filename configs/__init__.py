@@ -7,7 +7,7 @@ of them. Nothing here touches the file system on import.
 """
 
 from configs.artifacts import atomic_path, fsync_dir, resolve_as_of, write_atomic
-from configs.choices import EVENT_NAMES, Library, Task
+from configs.choices import EVENT_NAMES, PACKAGES, Library, Task
 from configs.errors import SendtimeError
 from configs.schema import (
     DEFAULT_CONFIG_ENV,
@@ -28,6 +28,7 @@ from configs.schema import (
 __all__ = [
     "DEFAULT_CONFIG_ENV",
     "EVENT_NAMES",
+    "PACKAGES",
     "Config",
     "ConfigError",
     "DatasetConfig",

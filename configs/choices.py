@@ -7,7 +7,12 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["EVENT_NAMES", "Library", "Task"]
+__all__ = ["EVENT_NAMES", "PACKAGES", "Library", "Task"]
+
+# the rooms of the house, bottom to top: configs <- features <- boosters <- training <- serving;
+# the simulator beside them; sendtime is the front door. Logging and the import-boundary
+# tests read this list.
+PACKAGES: tuple[str, ...] = ("configs", "features", "boosters", "training", "serving", "simulator", "sendtime")
 
 # the event names of the contract's log (section 1)
 EVENT_NAMES: tuple[str, ...] = ("send", "open", "click", "purchase", "session", "unsubscribe")

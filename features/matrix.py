@@ -22,6 +22,7 @@ import pandas as pd
 
 from features.attribution import attributed_sends_sql, slot_expr
 from features.events import EventLog
+from features.families import scalar_features, sql_ts
 from configs import Config
 
 __all__ = [
@@ -32,7 +33,10 @@ __all__ = [
     "build_matrix",
     "slot_counts",
     "population_priors",
-    "scalar_features",
+    "POPULATION",
+    "circular_smooth",
+    "population_priors_at",
+    "user_universe",
 ]
 
 logger = logging.getLogger(__name__)
@@ -56,10 +60,6 @@ SLOT_FAMILIES: tuple[str, ...] = (
 )
 
 
-def _ts(value: datetime) -> str:
-    return f"TIMESTAMP '{value.isoformat(sep=' ')}'"
-
-
 @dataclass
 class SlotCounts:
     """Raw per-user, per-slot counts: additive, so chunks can be summed."""
@@ -71,6 +71,20 @@ class SlotCounts:
     opens_at: np.ndarray
     purchases_at: np.ndarray
 
+    def take(self, user_ids: pd.Index) -> "SlotCounts":
+        """The rows of ``user_ids`` (zeros for users these counts do not hold)."""
+        rows = pd.Index(self.user_ids).get_indexer(user_ids)
+        found = rows >= 0
+
+        def pick(values: np.ndarray) -> np.ndarray:
+            out = np.zeros((len(rows), values.shape[1]), dtype=values.dtype)
+            out[found] = values[rows[found]]
+            return out
+
+        return SlotCounts(user_ids=np.asarray(user_ids), sends=pick(self.sends), opened=pick(self.opened),
+                          sessions=pick(self.sessions), opens_at=pick(self.opens_at),
+                          purchases_at=pick(self.purchases_at))
+
 
 @dataclass(frozen=True)
 class PopulationPriors:
@@ -80,9 +94,11 @@ class PopulationPriors:
     overall_rate: float
     profile_mean: np.ndarray       # mean log engagement profile
     profile_basis: np.ndarray      # (n_slots, rank) principal directions
+    population: str = ""           # which users these sums ran over
 
     def to_dict(self) -> dict:
         return {
+            "population": self.population,
             "slot_rate": self.slot_rate.tolist(),
             "overall_rate": self.overall_rate,
             "profile_mean": self.profile_mean.tolist(),
@@ -98,6 +114,7 @@ class PopulationPriors:
             profile_basis=np.asarray(data["profile_basis"], dtype=float).reshape(
                 len(data["profile_mean"]), -1
             ),
+            population=data.get("population", ""),
         )
 
 
@@ -133,10 +150,7 @@ class UserMatrix:
         for family, values in self.slots.items():
             cols = [f"{family}__{s:03d}" for s in range(self.n_slots)]
             blocks.append(pd.DataFrame(values.astype(np.float32), columns=cols))
-        frame = pd.concat(blocks, axis=1)
-        frame.attrs = {"as_of": self.as_of.isoformat(), "n_slots": self.n_slots,
-                       "attributes": list(self.attributes)}
-        return frame
+        return pd.concat(blocks, axis=1)
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame, as_of: datetime, n_slots: int,
@@ -162,9 +176,9 @@ def user_universe(log: EventLog, as_of: datetime, user_ids: pd.Index | None = No
         log.con.register("wanted_ids", pd.DataFrame({"user_id": pd.Series(user_ids, dtype=str)}))
         ids_sql = "SELECT DISTINCT user_id FROM wanted_ids"
     else:
-        ids_sql = f"""SELECT user_id FROM users WHERE signup_ts IS NULL OR signup_ts <= {_ts(as_of)}
+        ids_sql = f"""SELECT user_id FROM users WHERE signup_ts IS NULL OR signup_ts <= {sql_ts(as_of)}
             UNION
-            SELECT DISTINCT user_id FROM events WHERE ts <= {_ts(as_of)}"""
+            SELECT DISTINCT user_id FROM events WHERE ts <= {sql_ts(as_of)}"""
     frame = log.query_df(
         f"""
         WITH ids AS ({ids_sql})
@@ -197,7 +211,7 @@ def slot_counts(log: EventLog, as_of: datetime, cfg: Config, user_ids: pd.Index)
                count(*) FILTER (WHERE event = 'open') AS opens_at,
                count(*) FILTER (WHERE event = 'purchase') AS purchases_at
         FROM events_local
-        WHERE event IN ('session', 'open', 'purchase') AND ts > {_ts(since)} AND ts <= {_ts(as_of)}
+        WHERE event IN ('session', 'open', 'purchase') AND ts > {sql_ts(since)} AND ts <= {sql_ts(as_of)}
         GROUP BY ALL"""
     )
     shape = (len(user_ids), n_slots)
@@ -230,7 +244,8 @@ def _engagement_profile(counts: SlotCounts) -> np.ndarray:
     return np.log(share * n_slots)
 
 
-def population_priors(counts: SlotCounts | list[SlotCounts], cfg: Config) -> PopulationPriors:
+def population_priors(counts: SlotCounts | list[SlotCounts], cfg: Config,
+                      population: str = "") -> PopulationPriors:
     """Population slot rates and the principal directions of engagement profiles.
 
     Accepts one SlotCounts or the chunks of a user-partitioned log (sums are additive).
@@ -256,7 +271,7 @@ def population_priors(counts: SlotCounts | list[SlotCounts], cfg: Config) -> Pop
     else:
         basis = np.zeros((n_slots, 0))
     return PopulationPriors(slot_rate=slot_rate, overall_rate=overall,
-                            profile_mean=mean, profile_basis=basis)
+                            profile_mean=mean, profile_basis=basis, population=population)
 
 
 def circular_smooth(values: np.ndarray, kernel: tuple[float, ...]) -> np.ndarray:
@@ -325,100 +340,19 @@ def slot_features(counts: SlotCounts, priors: PopulationPriors, cfg: Config) -> 
     return {k: v.astype(np.float32) for k, v in families.items()}, user_rate[:, 0]
 
 
-def scalar_features(log: EventLog, as_of: datetime, cfg: Config, user_ids: pd.Index) -> pd.DataFrame:
-    """Recency, frequency, monetary value, fatigue and trends, one row per user."""
-    f = cfg.features
-    t = _ts(as_of)
-    eng = ", ".join(f"'{e}'" for e in cfg.labels.engagement_events)
-    parts = []
-    for days in f.frequency_windows_days:
-        for event in ("open", "session", "send", "purchase", "click"):
-            parts.append(
-                f"count(*) FILTER (WHERE event = '{event}' AND ts > {t} - INTERVAL {days} DAY)"
-                f" AS {event}s_{days}d"
-            )
-    for hours in f.fatigue_windows_hours:
-        parts.append(
-            f"count(*) FILTER (WHERE event = 'send' AND ts > {t} - INTERVAL {hours} HOUR)"
-            f" AS sends_last_{hours}h"
-        )
-    longest = max(f.frequency_windows_days)
-    recency = []
-    for name, cond in (("open", "event = 'open'"), ("session", "event = 'session'"),
-                       ("purchase", "event = 'purchase'"), ("send", "event = 'send'"),
-                       ("engagement", f"event IN ({eng})")):
-        recency.append(
-            f"date_diff('second', max(ts) FILTER (WHERE {cond}), {t}) / 86400.0 AS days_since_{name}"
-        )
-    frame = log.query_df(
-        f"""SELECT user_id, {', '.join(parts)}, {', '.join(recency)},
-               sum(value) FILTER (WHERE event = 'purchase' AND ts > {t} - INTERVAL {longest} DAY)
-                   AS value_{longest}d,
-               date_diff('second', min(ts), {t}) / 86400.0 AS days_since_first_event,
-               bool_or(event = 'unsubscribe') AS unsubscribed,
-               count(*) AS n_events
-        FROM events WHERE ts <= {t}
-        GROUP BY user_id"""
-    ).set_index("user_id")
-    # distinct days are costly inside the big aggregate: count them over (user, day) pairs
-    active = log.query_df(
-        f"""SELECT user_id, {', '.join(
-            f"count(*) FILTER (WHERE day > CAST({t} - INTERVAL {d} DAY AS DATE)) AS active_days_{d}d"
-            for d in f.frequency_windows_days)}
-        FROM (SELECT DISTINCT user_id, CAST(ts AS DATE) AS day FROM events
-              WHERE event IN ({eng}) AND ts <= {t} AND ts > {t} - INTERVAL {longest + 1} DAY)
-        GROUP BY user_id"""
-    ).set_index("user_id")
-    frame = frame.join(active, how="left")
-    # consecutive unopened: sends since the last send known (at as_of) to be opened
-    window_h = cfg.labels.open_attribution_hours
-    since = as_of - timedelta(days=f.history_days)
-    matured = as_of - timedelta(hours=window_h)
-    streaks = log.query_df(
-        f"""WITH a AS ({attributed_sends_sql(since, as_of, as_of, window_h, cfg.slots.kind)}),
-        last_open AS (SELECT user_id, max(ts) FILTER (WHERE opened) AS last_opened FROM a GROUP BY 1)
-        SELECT a.user_id,
-               count(*) FILTER (WHERE l.last_opened IS NULL OR a.ts > l.last_opened) AS consecutive_unopened,
-               {', '.join(
-                   f"count(*) FILTER (WHERE a.ts <= {_ts(matured)} AND a.ts > {_ts(matured)} - INTERVAL {d} DAY) AS matured_sends_{d}d, "
-                   f"count(*) FILTER (WHERE a.opened AND a.ts <= {_ts(matured)} AND a.ts > {_ts(matured)} - INTERVAL {d} DAY) AS matured_opened_{d}d"
-                   for d in f.frequency_windows_days)}
-        FROM a LEFT JOIN last_open l USING (user_id)
-        GROUP BY a.user_id"""
-    ).set_index("user_id")
-    # no message reaches a user who unsubscribed after their last send, from that send's
-    # channel (or from every channel: an unsubscribe without one); a later send means they
-    # came back
-    gone = log.query_df(
-        f"""WITH last_send AS (
-                SELECT user_id, max(ts) AS ts, arg_max(channel, ts) AS channel
-                FROM events WHERE event = 'send' AND ts <= {t} GROUP BY user_id)
-            SELECT DISTINCT u.user_id, true AS unreachable
-            FROM events u LEFT JOIN last_send s USING (user_id)
-            WHERE u.event = 'unsubscribe' AND u.ts <= {t} AND (s.ts IS NULL OR u.ts > s.ts)
-              AND (u.channel IS NULL OR s.channel IS NULL OR u.channel = s.channel)"""
-    ).set_index("user_id")
-    frame = frame.join(gone, how="left")
-    out = frame.join(streaks, how="outer").reindex(user_ids)
-    flags = ("unsubscribed", "unreachable")
-    counts = [c for c in out.columns if not c.startswith("days_since") and c not in flags]
-    out[counts] = out[counts].fillna(0.0)
-    for flag in flags:
-        out[flag] = out[flag].astype("boolean").fillna(False).astype(float)
-    short, long_ = min(f.frequency_windows_days), max(f.frequency_windows_days)
-    scale = long_ / short
-    for event in ("open", "session", "send"):
-        out[f"{event}_trend"] = (out[f"{event}s_{short}d"] * scale + 1.0) / (out[f"{event}s_{long_}d"] + 1.0)
-    for d in f.frequency_windows_days:
-        out[f"open_rate_{d}d"] = (out[f"matured_opened_{d}d"] + 1.0) / (out[f"matured_sends_{d}d"] + 8.0)
-    out["open_rate_trend"] = out[f"open_rate_{short}d"] / out[f"open_rate_{long_}d"]
-    return out.astype(float)
-
-
 def _utc_offset_hours(zones: pd.Series, as_of: datetime) -> np.ndarray:
     stamp = pd.Timestamp(as_of, tz="UTC")
     cache = {z: stamp.tz_convert(z).utcoffset().total_seconds() / 3600 for z in zones.unique()}
     return zones.map(cache).to_numpy(dtype=float)
+
+
+POPULATION = "everyone known at the snapshot (signed up or seen in the log by then)"
+
+
+def population_priors_at(log: EventLog, as_of: datetime, cfg: Config) -> PopulationPriors:
+    """The priors of :data:`POPULATION` at ``as_of``."""
+    everyone = user_universe(log, as_of).index
+    return population_priors(slot_counts(log, as_of, cfg, everyone), cfg, POPULATION)
 
 
 def build_matrix(
@@ -430,7 +364,12 @@ def build_matrix(
 ) -> tuple[UserMatrix, PopulationPriors]:
     """Everything known about each user at ``as_of`` (events with ts <= as_of only).
 
-    ``priors`` come from the population; pass them when building a chunk of users.
+    The per-slot features pool each user's counts with population priors (slot rates, the
+    engagement profile's principal directions). Those are computed over one stated
+    population, everyone known at ``as_of`` (:data:`POPULATION`), whoever ``user_ids``
+    asks for: a user's features never depend on who else is in the call (training asks
+    for the users sent to in the following week, scoring for everyone). Pass ``priors``
+    when building a chunk of users of a population whose priors are already known.
     """
     clock = time.perf_counter()
 
@@ -443,10 +382,14 @@ def build_matrix(
     universe = user_universe(log, as_of, user_ids)
     ids = universe.index
     stage(f"{len(ids)} users")
-    counts = slot_counts(log, as_of, cfg, ids)
-    stage("per-slot counts")
     if priors is None:
-        priors = population_priors(counts, cfg)
+        everyone = ids if user_ids is None else user_universe(log, as_of).index
+        population_counts = slot_counts(log, as_of, cfg, everyone)
+        priors = population_priors(population_counts, cfg, POPULATION)
+        counts = population_counts if user_ids is None else population_counts.take(ids)
+    else:
+        counts = slot_counts(log, as_of, cfg, ids)
+    stage("per-slot counts")
     families, user_rate = slot_features(counts, priors, cfg)
     stage("per-slot pooling")
     scalars = scalar_features(log, as_of, cfg, ids)

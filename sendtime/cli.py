@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from configs import Config, ConfigError, load_config
+from configs import PACKAGES, Config, Library, SendtimeError, Task, load_config, resolve_as_of
 
 app = typer.Typer(
     name="sendtime",
@@ -54,7 +54,7 @@ def _setup_logging(verbose: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
-    for name in ("sendtime", "features", "training", "serving"):
+    for name in PACKAGES:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
@@ -94,15 +94,9 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def _user_error(exc: BaseException) -> bool:
-    """Errors a user can act on. Imported only when something failed: importing the
-    training and serving modules up front would cost every command seconds."""
-    from features.events import EventLogError
-    from serving.predictor import NoChampionError
-    from training.datasets import TaskNotTrainable
-    from training.registry import PromotionRefused
-
-    return isinstance(exc, (ConfigError, EventLogError, TaskNotTrainable, PromotionRefused,
-                            NoChampionError, FileNotFoundError, ValueError))
+    """Errors a user can act on: every room raises them as a SendtimeError (bad input, no
+    champion, a refused gate, a task the log cannot support), or as the standard ones."""
+    return isinstance(exc, (SendtimeError, FileNotFoundError, ValueError))
 
 
 def _job(func):
@@ -177,27 +171,23 @@ def features(
 ) -> None:
     """Build the point-in-time user-behaviour matrix as of a time (only events at or before it)."""
     from features.matrix import build_matrix
+    from features.snapshot import FEATURES_FILE, write_snapshot
 
     cfg = _cfg()
     lg = _open(events, users, cfg, quarantine)
-    t = _as_of(as_of) or lg.max_ts()
+    t = resolve_as_of(_as_of(as_of), lg.max_ts)
     matrix, priors = build_matrix(lg, t, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / "features.parquet"
-    tmp = out / ".features.parquet.tmp"
-    matrix.to_frame().to_parquet(tmp, index=False)
-    tmp.replace(target)
-    (out / "features_manifest.json").write_text(json.dumps(
-        {"as_of": t.isoformat(), "n_users": len(matrix), "n_slots": matrix.n_slots,
-         "attributes": list(matrix.attributes), "priors": priors.to_dict()}, indent=2))
-    typer.echo(f"{len(matrix)} users x {matrix.to_frame().shape[1] - 1} features as of {t:%Y-%m-%d %H:%M} -> {target}")
+    write_snapshot(out, matrix, priors, cfg, events=str(events))
+    n_columns = matrix.scalars.shape[1] + len(matrix.slots) * matrix.n_slots
+    typer.echo(f"{len(matrix)} users x {n_columns} features as of {t:%Y-%m-%d %H:%M} -> "
+               f"{out / FEATURES_FILE} (+ manifest.json)")
 
 
 @app.command()
 @_job
 def train(
-    task: str = typer.Option(..., "--task", "-t", help="open (per-slot open probability) or churn."),
-    model: str = typer.Option(..., "--model", "-m", help="lightgbm or xgboost."),
+    task: Task = typer.Option(..., "--task", "-t", help="open (per-slot open probability) or churn."),
+    model: Library = typer.Option(..., "--model", "-m", help="lightgbm or xgboost."),
     events: Path = EventsOpt,
     users: Optional[Path] = UsersOpt,
     as_of: Optional[str] = AsOfOpt,
@@ -210,10 +200,7 @@ def train(
     from training.pipeline import train_task
 
     cfg = _cfg()
-    if task not in ("open", "churn"):
-        raise ValueError(f"--task: {task!r} is not a task; choose open or churn")
-    if model not in ("lightgbm", "xgboost"):
-        raise ValueError(f"--model: {model!r} is not supported; choose lightgbm or xgboost")
+    task, model = task.value, model.value
     overrides = json.loads(params) if params else {}
     if best_params:
         from training.tuning import best_params_for
@@ -235,7 +222,7 @@ def train(
 @app.command()
 @_job
 def promote(
-    task: str = typer.Option(..., "--task", "-t", help="open or churn."),
+    task: Task = typer.Option(..., "--task", "-t", help="open or churn."),
     version: Optional[int] = typer.Option(None, "--version", help="Version to promote (default: best holdout log loss)."),
     force: bool = typer.Option(False, "--force", help="Promote even if worse than the current champion."),
     rollback: bool = typer.Option(False, "--rollback", help="Return the champion alias to the previous champion."),
@@ -244,6 +231,7 @@ def promote(
     from training.registry import promote_champion, rollback_champion
 
     cfg = _cfg()
+    task = task.value
     result = rollback_champion(cfg, task) if rollback else promote_champion(cfg, task, version, force)
     typer.echo(f"{result.model_name}@{cfg.tracking.champion_alias} -> version {result.version} "
                f"(was {result.previous or 'none'}): {result.reason}")
@@ -260,7 +248,7 @@ def score(
 ) -> None:
     """Nightly tag refresh: champion models, features as of T, tags + tag store + feature snapshot, atomically."""
     from serving.models import load_champions
-    from serving.scoring import refresh_tags
+    from serving.refresh import refresh_tags
 
     cfg = _cfg()
     champions = load_champions(cfg)
@@ -383,8 +371,8 @@ def import_(
 @app.command()
 @_job
 def tune(
-    task: str = typer.Option(..., "--task", "-t", help="open or churn."),
-    model: str = typer.Option(..., "--model", "-m", help="lightgbm or xgboost."),
+    task: Task = typer.Option(..., "--task", "-t", help="open or churn."),
+    model: Library = typer.Option(..., "--model", "-m", help="lightgbm or xgboost."),
     events: Path = EventsOpt,
     users: Optional[Path] = UsersOpt,
     as_of: Optional[str] = AsOfOpt,
@@ -396,6 +384,7 @@ def tune(
     from training.tuning import tune as run_tune
 
     cfg = _cfg()
+    task, model = task.value, model.value
     lg = _open(events, users, cfg, quarantine)
     ds = build_dataset(lg, task, _as_of(as_of), cfg, progress=not STATE.quiet)
     study = run_tune(ds, model, cfg, trials, progress=not STATE.quiet)
@@ -407,7 +396,7 @@ def tune(
 @app.command()
 @_job
 def compare(
-    task: str = typer.Option(..., "--task", "-t", help="open or churn."),
+    task: Task = typer.Option(..., "--task", "-t", help="open or churn."),
     versions: Optional[str] = typer.Option(None, "--versions", help="Comma-separated versions (default: all)."),
     truth: Optional[Path] = typer.Option(None, "--truth", help="Simulator truth: adds slot capture and log loss vs the oracle."),
     events: Optional[Path] = typer.Option(None, "--events", help="Events for the truth comparison (default: beside the truth)."),
@@ -425,7 +414,7 @@ def compare(
         events = events or truth.parent / "events.parquet"
         users = users or (truth.parent / "users.parquet" if (truth.parent / "users.parquet").exists() else None)
         lg = _open(events, users, cfg)
-    table = compare_versions(cfg, task, versions.split(",") if versions else None, truth_frame, lg)
+    table = compare_versions(cfg, task.value, versions.split(",") if versions else None, truth_frame, lg)
     typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 

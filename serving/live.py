@@ -14,7 +14,8 @@ import logging
 import threading
 from pathlib import Path
 
-from configs import Config
+from configs import Config, Task
+from serving.predictor import alias_version
 from serving.recommend import Recommender
 from serving.tagstore import current_refresh
 
@@ -25,17 +26,10 @@ log = logging.getLogger(__name__)
 
 def _champion_versions(cfg: Config) -> dict[str, str | None]:
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri=cfg.tracking.resolved_uri())
-    versions: dict[str, str | None] = {}
-    for task in ("open", "churn"):
-        try:
-            mv = client.get_model_version_by_alias(cfg.tracking.model_name(task), cfg.tracking.champion_alias)
-            versions[task] = str(mv.version)
-        except MlflowException:
-            versions[task] = None
-    return versions
+    return {task.value: alias_version(client, cfg.tracking.model_name(task), cfg.tracking.champion_alias)
+            for task in Task}
 
 
 class LiveRecommender:

@@ -1,8 +1,10 @@
-"""Registered models, loaded once: the only place sendtime loads a model.
+"""Registered models, loaded once: the only place sendtime loads a model, and the one place
+that resolves a registry alias.
 
 A sendtime model version is a native LightGBM or XGBoost model in the MLflow registry
 whose MLmodel metadata carries what scoring needs besides the trees: the feature spec
 (inputs in order, category vocabularies) and the calibrator fitted on time-held-out data.
+The library's own adapter (``boosters``) loads, predicts and explains it.
 """
 
 from __future__ import annotations
@@ -14,36 +16,42 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from boosters import BoosterLibrary, adapter_for_flavors, apply_calibration
+from configs import SendtimeError
 from features.rows import FeatureSpec
 
-__all__ = ["LoadedModel", "load_registered_model", "apply_calibration", "NoChampionError"]
+__all__ = ["LoadedModel", "NoChampionError", "alias_version", "load_registered_model"]
 
 log = logging.getLogger(__name__)
 
 
-class NoChampionError(LookupError):
+class NoChampionError(SendtimeError, LookupError):
     """No model version answers to the asked alias or number."""
 
 
-def apply_calibration(p: np.ndarray, calibrator: dict) -> np.ndarray:
-    """Map raw probabilities through a stored calibrator (see training.calibration)."""
-    p = np.clip(np.asarray(p, dtype=float), 1e-6, 1 - 1e-6)
-    kind = calibrator.get("kind", "none")
-    if kind == "isotonic":
-        # the tiny raw-score term keeps isotonic plateaus from tying slots of one user
-        out = np.interp(p, calibrator["x"], calibrator["y"]) + 1e-6 * p
-    elif kind == "sigmoid":
-        z = calibrator["a"] * np.log(p / (1 - p)) + calibrator["b"]
-        out = 1.0 / (1.0 + np.exp(-z))
-    else:
-        out = p
-    return np.clip(out, 1e-6, 1 - 1e-6)
+def _missing(exc: Exception) -> bool:
+    """MLflow's way of saying that a name, alias or version does not exist."""
+    code = getattr(exc, "error_code", "")
+    return code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
+def alias_version(client: Any, name: str, alias: str) -> str | None:
+    """The version ``name@alias`` points at, or None when the model or alias does not
+    exist. Any other failure (an unreachable store, a broken database) is raised."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as exc:
+        if _missing(exc):
+            return None
+        raise
 
 
 @dataclass
 class LoadedModel:
     task: str
-    library: str
+    library: BoosterLibrary
     name: str
     version: str
     run_id: str
@@ -52,22 +60,14 @@ class LoadedModel:
     booster: Any
 
     def predict_array(self, x: np.ndarray) -> np.ndarray:
-        if self.library == "lightgbm":
-            raw = self.booster.predict(x, num_threads=0)
-        else:
-            raw = self.booster.inplace_predict(x)
-        return apply_calibration(raw, self.calibrator)
+        return apply_calibration(self.library.predict(self.booster, x), self.calibrator)
 
     def predict(self, rows: pd.DataFrame) -> np.ndarray:
         return self.predict_array(self.spec.encode(rows))
 
     def contributions(self, x: np.ndarray) -> np.ndarray:
         """SHAP contributions to the raw score, (n_rows, n_features + 1), from the library."""
-        if self.library == "lightgbm":
-            return np.asarray(self.booster.predict(x, pred_contrib=True))
-        import xgboost as xgb
-
-        return self.booster.predict(xgb.DMatrix(x, feature_names=list(self.spec.names)), pred_contribs=True)
+        return self.library.contributions(self.booster, x, list(self.spec.names))
 
 
 def load_registered_model(tracking_uri: str, name: str, *, alias: str | None = "champion",
@@ -79,25 +79,24 @@ def load_registered_model(tracking_uri: str, name: str, *, alias: str | None = "
 
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
+    what = f"version {version}" if version is not None else f"alias @{alias}"
+    if version is None:
+        version = alias_version(client, name, alias)
+        if version is None:
+            raise NoChampionError(f"registered model {name!r} has no {what} in {tracking_uri}")
     try:
-        mv = (client.get_model_version(name, str(version)) if version is not None
-              else client.get_model_version_by_alias(name, alias))
+        mv = client.get_model_version(name, str(version))
     except MlflowException as exc:
-        what = f"version {version}" if version is not None else f"alias @{alias}"
+        if not _missing(exc):
+            raise
         raise NoChampionError(f"registered model {name!r} has no {what} in {tracking_uri}") from exc
     uri = f"models:/{name}/{mv.version}"
     info = mlflow.models.get_model_info(uri)
     meta = info.metadata or {}
-    if "lightgbm" in info.flavors:
-        booster = mlflow.lightgbm.load_model(uri)
-        library = "lightgbm"
-    elif "xgboost" in info.flavors:
-        booster = mlflow.xgboost.load_model(uri)
-        library = "xgboost"
-    else:
-        raise NoChampionError(f"{uri} is neither a LightGBM nor an XGBoost model")
-    if library == "xgboost" and hasattr(booster, "get_booster"):
-        booster = booster.get_booster()
+    library = adapter_for_flavors(info.flavors)
+    if library is None:
+        raise NoChampionError(f"{uri} is not a model of a library sendtime knows "
+                              f"(flavours: {', '.join(info.flavors)})")
     return LoadedModel(
         task=meta.get("task", ""),
         library=library,
@@ -106,5 +105,5 @@ def load_registered_model(tracking_uri: str, name: str, *, alias: str | None = "
         run_id=mv.run_id,
         spec=FeatureSpec.from_dict(meta["feature_spec"]),
         calibrator=meta.get("calibrator", {"kind": "none"}),
-        booster=booster,
+        booster=library.load_model(uri),
     )

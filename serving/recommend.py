@@ -2,13 +2,14 @@
 time inside the asked window, and churn risk, from the latest feature snapshot.
 
 Everything here is loaded once (the snapshot into memory, the champions from the
-registry); a request only gathers its users' rows and runs the trees.
+registry); a request only looks its users up and asks the scoring core.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -17,11 +18,10 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pandas as pd
 
-from features.matrix import UserMatrix
 from configs import Config
-from serving.models import Champions, load_champions
-from serving.scoring import (_prior_keys, churn_probabilities, churn_tier, prior_for, prior_lookup,
-                             slot_probabilities, tier_cutoffs, unreachable)
+from features.snapshot import read_snapshot
+from serving.core import PriorTable, ScoringCore, tier_cutoffs
+from serving.models import load_champions
 from serving.tagstore import RefreshPaths, current_refresh
 
 __all__ = ["Recommender", "window_candidates"]
@@ -53,98 +53,79 @@ def window_candidates(tz: str, start: datetime, hours: int, kind: str) -> tuple[
 @dataclass
 class Recommender:
     cfg: Config
-    champions: Champions
-    matrix: UserMatrix
-    priors: dict
+    core: ScoringCore
+    priors: PriorTable
     refresh: RefreshPaths
     manifest: dict
-    # look-ups a request needs, built once: rebuilding the user index or converting the
-    # time-zone column per request cost O(all users) each time
-    index: pd.Index = field(init=False, repr=False)
-    has_history: np.ndarray = field(init=False, repr=False)
-    zones: np.ndarray = field(init=False, repr=False)
-    unreachable: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.index = pd.Index(self.matrix.user_ids, dtype=object)
+        self.index = pd.Index(self.core.matrix.user_ids, dtype=object)
         self.index.get_indexer(self.index[:1])   # build the hash table now, not on the first request
-        self.has_history = self.matrix.scalars["has_history"].to_numpy(dtype=float) > 0
-        self.zones = self.matrix.scalars["timezone"].astype(object).to_numpy()
-        self.unreachable = unreachable(self.matrix.scalars)
+        self.cutoffs = self.manifest.get("churn_tier_cutoffs") or tier_cutoffs(None, self.cfg)
+
+    @property
+    def champions(self):
+        return self.core.champions
+
+    @property
+    def matrix(self):
+        return self.core.matrix
+
+    @property
+    def has_history(self) -> np.ndarray:
+        return self.core.has_history
+
+    @property
+    def unreachable(self) -> np.ndarray:
+        return self.core.unreachable
 
     @classmethod
-    def load(cls, cfg: Config, serving_dir: Path | None = None) -> "Recommender":
+    def load(cls, cfg: Config, serving_dir: Path | None = None) -> Recommender:
         serving_dir = Path(serving_dir or cfg.serving.serving_dir)
         paths = current_refresh(serving_dir)
         if paths is None:
             raise FileNotFoundError(f"no feature snapshot under {serving_dir}: run `sendtime score` first")
-        manifest = paths.read_manifest()
-        frame = pd.read_parquet(paths.features)
-        matrix = UserMatrix.from_frame(frame, datetime.fromisoformat(manifest["as_of"]),
-                                       manifest["n_slots"], tuple(manifest["attributes"]))
-        priors = prior_lookup(pd.read_parquet(paths.priors))
+        matrix, manifest = read_snapshot(paths.root)
+        priors = PriorTable(pd.read_parquet(paths.priors))
         champions = load_champions(cfg)
         log.info("loaded %d users as of %s; models %s", len(matrix), manifest["as_of"], champions.versions())
-        return cls(cfg=cfg, champions=champions, matrix=matrix, priors=priors, refresh=paths,
+        return cls(cfg=cfg, core=ScoringCore(champions, matrix, cfg), priors=priors, refresh=paths,
                    manifest=manifest)
 
-    def recommend(self, user_ids: list[str], window_start: datetime | None, window_hours: int) -> list[dict]:
+    def positions(self, user_ids: Sequence[str]) -> np.ndarray:
+        return self.index.get_indexer(pd.Index(list(user_ids), dtype=object))
+
+    def recommend(self, user_ids: list[str], window_start: datetime | None, window_hours: int,
+                  zones: Sequence[str | None] | None = None) -> list[dict]:
         start = (window_start or datetime.now(timezone.utc)).astimezone(timezone.utc)
-        pos = self.index.get_indexer(pd.Index(user_ids, dtype=object))
-        known = pos >= 0
-        has_history = np.zeros(len(user_ids), dtype=bool)
-        has_history[known] = self.has_history[pos[known]]
-        gone = np.zeros(len(user_ids), dtype=bool)
-        gone[known] = self.unreachable[pos[known]]
-        scored = np.flatnonzero(has_history)
-        n_slots = self.matrix.n_slots
-        slot_probs = np.full((len(user_ids), n_slots), np.nan)
-        churn = np.full(len(user_ids), np.nan)
-        if len(scored):
-            if self.champions.open:
-                slot_probs[scored] = slot_probabilities(self.champions, self.matrix, pos[scored])
-            if self.champions.churn:
-                churn[scored] = churn_probabilities(self.champions, self.matrix, pos[scored])
-        zones = np.full(len(user_ids), self.cfg.slots.default_timezone, dtype=object)
-        zones[known] = self.zones[pos[known]]
-        if (~has_history).any():
-            full_keys = np.array(zones, dtype=object)
-            tz_keys = np.array(zones, dtype=object)
-            if known.any():
-                full, tz = _prior_keys(self.matrix.scalars.iloc[pos[known]], self.matrix.attributes)
-                full_keys[known], tz_keys[known] = full.to_numpy(), tz.to_numpy()
-            for i in np.flatnonzero(~has_history):
-                prior = prior_for(self.priors, full_keys[i], tz_keys[i])
-                if prior is not None:
-                    if prior["slot_open_probs"] is not None:
-                        slot_probs[i] = prior["slot_open_probs"]
-                    if prior["churn_prob"] is not None and not pd.isna(prior["churn_prob"]):
-                        churn[i] = prior["churn_prob"]
-        cutoffs = self.manifest.get("churn_tier_cutoffs") or tier_cutoffs(None, self.cfg)
-        tiers = churn_tier(churn, cutoffs)
+        pos = self.positions(user_ids)
+        scores = self.core.score(pos, self.priors, self.cutoffs, zones)
+        user_zones = self.core.zone_of(pos, zones)
         versions = self.champions.versions()
+        slot = scores.slot_probs
         results = []
         for i, user_id in enumerate(user_ids):
-            probs = slot_probs[i]
-            have_probs = not np.isnan(probs).all()
+            probs = slot[i] if slot is not None else None
+            have_probs = probs is not None and not np.isnan(probs).all()
             send_at, send_prob, best = None, None, None
-            if have_probs and not gone[i]:
-                best = int(np.nanargmax(probs))
-                cands = window_candidates(zones[i], start, window_hours, self.cfg.slots.kind)
+            if scores.best_slot[i] >= 0:
+                best = int(scores.best_slot[i])
+                cands = window_candidates(user_zones[i], start, window_hours, self.cfg.slots.kind)
                 slots = np.array([s for _, s in cands])
                 j = int(np.argmax(probs[slots]))
                 send_at = cands[j][0].strftime("%Y-%m-%dT%H:%M:%SZ")
                 send_prob = float(probs[slots[j]])
+            churn = scores.churn_prob[i]
             results.append({
                 "user_id": user_id,
                 "slot_open_probs": [round(float(p), 6) for p in probs] if have_probs else None,
                 "best_slot": best,
                 "send_at": send_at,
                 "send_at_open_prob": send_prob,
-                "churn_prob": None if np.isnan(churn[i]) else float(churn[i]),
-                "churn_tier": tiers[i],
-                "cold_start": bool(not has_history[i]),
-                "unsubscribed": bool(gone[i]),
+                "churn_prob": None if np.isnan(churn) else float(churn),
+                "churn_tier": scores.churn_tier[i],
+                "cold_start": bool(scores.cold_start[i]),
+                "unsubscribed": bool(scores.unreachable[i]),
                 "model_versions": versions,
             })
         return results

@@ -28,6 +28,9 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
+from configs import fsync_dir
+from features.snapshot import FEATURES_FILE, MANIFEST_FILE, read_manifest
+
 __all__ = ["RefreshPaths", "current_refresh", "publish_refresh", "new_refresh_dir", "query_tags"]
 
 
@@ -45,7 +48,7 @@ class RefreshPaths:
 
     @property
     def features(self) -> Path:
-        return self.root / "features.parquet"
+        return self.root / FEATURES_FILE
 
     @property
     def priors(self) -> Path:
@@ -53,10 +56,10 @@ class RefreshPaths:
 
     @property
     def manifest(self) -> Path:
-        return self.root / "manifest.json"
+        return self.root / MANIFEST_FILE
 
     def read_manifest(self) -> dict:
-        return json.loads(self.manifest.read_text())
+        return read_manifest(self.root)
 
 
 def new_refresh_dir(serving_dir: Path) -> tuple[RefreshPaths, str]:
@@ -67,14 +70,16 @@ def new_refresh_dir(serving_dir: Path) -> tuple[RefreshPaths, str]:
     return RefreshPaths(tmp), refresh_id
 
 
-def write_store(paths: RefreshPaths, tags: pd.DataFrame, priors: pd.DataFrame, manifest: dict) -> None:
+def write_store(paths: RefreshPaths, priors: pd.DataFrame, manifest: dict) -> None:
+    """The queryable copy of a refresh being built: its tags (from ``paths.tags``), the
+    cold-start priors and the manifest, in one DuckDB file."""
     con = duckdb.connect(str(paths.store))
     try:
         con.execute(f"CREATE TABLE tags AS SELECT * FROM read_parquet('{paths.tags}')")
         con.register("priors_frame", priors)
         con.execute("CREATE TABLE priors AS SELECT * FROM priors_frame")
         con.execute("CREATE TABLE manifest AS SELECT ? AS key, ? AS value",
-                    ["manifest", json.dumps(manifest)])
+                    ["manifest", json.dumps(manifest, default=str)])
         con.execute("CREATE UNIQUE INDEX tags_user ON tags (user_id)")
     finally:
         con.close()
@@ -83,13 +88,24 @@ def write_store(paths: RefreshPaths, tags: pd.DataFrame, priors: pd.DataFrame, m
 def publish_refresh(serving_dir: Path, building: RefreshPaths, refresh_id: str, keep: int) -> RefreshPaths:
     """Make a completed refresh current with atomic renames; prune old ones."""
     final = serving_dir / "refreshes" / refresh_id
+    _sync_tree(building.root)   # the files reach the disk before any name points at them
     building.root.rename(final)
+    fsync_dir(final.parent)
     link = serving_dir / "current"
     tmp_link = serving_dir / f".current-{uuid.uuid4().hex[:6]}"
     os.symlink(Path("refreshes") / refresh_id, tmp_link)
     os.replace(tmp_link, link)  # the one step readers can observe
+    fsync_dir(serving_dir)
     _prune(serving_dir / "refreshes", keep, protect=final)
     return RefreshPaths(final)
+
+
+def _sync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb+") as handle:
+                os.fsync(handle.fileno())
+    fsync_dir(folder)
 
 
 def _prune(folder: Path, keep: int, protect: Path) -> None:

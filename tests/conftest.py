@@ -85,7 +85,7 @@ def trained(sim_dir, small_config):
     """Both tasks trained with LightGBM (and open with XGBoost), promoted, and scored."""
     from features.events import open_log
     from serving.models import load_champions
-    from serving.scoring import refresh_tags
+    from serving.refresh import refresh_tags
     from training.datasets import build_dataset
     from training.pipeline import train_task
     from training.registry import promote_champion

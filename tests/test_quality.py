@@ -9,7 +9,7 @@ import pytest
 from features.events import from_frames
 from features.matrix import build_matrix
 from serving.models import load_champions
-from serving.scoring import slot_probabilities
+from serving.core import slot_probabilities
 from simulator.judge import evaluate_against_truth
 
 pytestmark = pytest.mark.integration
@@ -48,7 +48,7 @@ def test_shifting_every_event_shifts_the_best_slot(trained):
         # users who unsubscribed have no best hour to move
         active = np.flatnonzero((matrix.scalars["sessions_90d"].to_numpy() >= 15)
                                 & (matrix.scalars["unreachable"].to_numpy() == 0))
-        best.append(slot_probabilities(champions, matrix, active).argmax(axis=1))
+        best.append(slot_probabilities(champions.open, matrix, active).argmax(axis=1))
     moved = (best[1] - best[0]) % 24
     counts = np.bincount(moved, minlength=24)
     # the model also knows population facts about clock hours, which do not move with one

@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 
 from features.events import EventLogError, open_log
-from serving import scoring
+from serving import refresh as refresh_module
 from serving.models import load_champions
-from serving.scoring import refresh_tags
+from serving.refresh import refresh_tags
 from serving.tagstore import current_refresh, query_tags
 
 pytestmark = pytest.mark.integration
@@ -58,7 +58,7 @@ def test_failed_refresh_leaves_previous_tags(trained, tmp_path, monkeypatch):
     # a crash while scoring
     def boom(*args, **kwargs):
         raise RuntimeError("killed mid-way")
-    monkeypatch.setattr(scoring, "score_matrix", boom)
+    monkeypatch.setattr(refresh_module.ScoringCore, "model_scores", boom)
     with pytest.raises(RuntimeError, match="killed"):
         refresh_tags(trained["log"], cfg, load_champions(cfg), out, progress=False)
     after = current_refresh(cfg.serving.serving_dir)

@@ -2,7 +2,7 @@
 helps: a calibrator is tried on one half of the validation users and judged on the other.
 
 The fitted calibrator is plain data (knots or coefficients) stored with the model; the
-serving predictor applies it (``serving.predictor.apply_calibration``).
+serving predictor applies it (``boosters.apply_calibration``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
-from serving.predictor import apply_calibration
+from boosters import apply_calibration
 
 __all__ = ["fit_calibrator"]
 

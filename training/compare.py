@@ -14,10 +14,9 @@ from mlflow import MlflowClient
 
 from features.events import EventLog
 from features.matrix import build_matrix
-from features.rows import all_slot_rows
-from configs import Config
-from serving.predictor import load_registered_model
-from serving.scoring import unreachable, without_unreachable
+from configs import Config, resolve_as_of
+from serving.predictor import alias_version, load_registered_model
+from serving.core import slot_probabilities
 from training import plots
 from simulator.judge import expected_log_loss, slot_capture
 from training.metrics import binary_metrics
@@ -44,19 +43,12 @@ def compare_versions(cfg: Config, task: str, versions: list[str] | None = None,
     if not holdout_path or not Path(holdout_path).exists():
         raise FileNotFoundError(f"the newest version's holdout is missing ({holdout_path})")
     rows, label, _ = load_holdout(holdout_path)
-    champion = None
-    try:
-        champion = client.get_model_version_by_alias(name, cfg.tracking.champion_alias).version
-        champion = str(champion)
-    except Exception:
-        pass
+    champion = alias_version(client, name, cfg.tracking.champion_alias)
     matrix = p_true = None
     if truth is not None and log is not None and task == "open":
-        snapshot = log.max_ts()
-        matrix, _ = build_matrix(log, snapshot, cfg, user_ids=pd.Index(truth["user_id"]))
+        matrix, _ = build_matrix(log, resolve_as_of(None, log.max_ts), cfg, user_ids=pd.Index(truth["user_id"]))
         order = matrix.user_ids.get_indexer(truth["user_id"])
         p_true = np.vstack(truth["true_open_probs"].to_numpy())[np.argsort(order)] if (order >= 0).all() else None
-        slot_rows = all_slot_rows(matrix)
     records, curves = [], {}
     for mv in chosen:
         model = load_registered_model(cfg.tracking.resolved_uri(), name, version=mv.version)
@@ -68,7 +60,7 @@ def compare_versions(cfg: Config, task: str, versions: list[str] | None = None,
         metrics = binary_metrics(label, p, cfg.datasets.calibration_bins)
         record = {
             "version": str(mv.version),
-            "library": model.library,
+            "library": model.library.name,
             "tuned": run.data.tags.get("tuned", "false"),
             "champion": "yes" if str(mv.version) == champion else "",
             "log_loss": metrics["log_loss"], "auc": metrics["auc"], "brier": metrics["brier"],
@@ -78,12 +70,11 @@ def compare_versions(cfg: Config, task: str, versions: list[str] | None = None,
             "size_kb": run.data.metrics.get("model_size_bytes", np.nan) / 1024,
         }
         if p_true is not None and matrix is not None:
-            q = model.predict(slot_rows).reshape(len(matrix), matrix.n_slots)
-            q = without_unreachable(q, unreachable(matrix.scalars))
+            q = slot_probabilities(model, matrix, np.arange(len(matrix)))
             record["slot_capture"] = slot_capture(p_true, q.argmax(axis=1))
             record["exp_log_loss_vs_oracle"] = expected_log_loss(p_true, q) / expected_log_loss(p_true, p_true) - 1
         records.append(record)
-        curves[f"v{mv.version} {model.library}"] = p
+        curves[f"v{mv.version} {model.library.name}"] = p
     table = pd.DataFrame(records)
     if log_to_mlflow:
         with mlflow.start_run(run_name=f"compare-{task}", tags={"task": task, "kind": "comparison",

@@ -23,17 +23,14 @@ from tqdm.auto import tqdm
 from features.events import EventLog
 from features.matrix import build_matrix
 from features.rows import churn_rows, open_rows
-from configs import Config
+from configs import Config, SendtimeError, Task, resolve_as_of
 from training.labels import churn_labels, open_labels
 
 __all__ = ["Dataset", "Split", "build_dataset", "open_snapshots", "churn_snapshots", "TaskNotTrainable"]
 
 log = logging.getLogger(__name__)
 
-TASKS = ("open", "churn")
-
-
-class TaskNotTrainable(RuntimeError):
+class TaskNotTrainable(SendtimeError, RuntimeError):
     """The log cannot support this task (no sends, no opens, too short ...)."""
 
 
@@ -151,11 +148,13 @@ def _check_events(log: EventLog, task: str, cfg: Config) -> None:
 def build_dataset(log: EventLog, task: str, as_of: datetime | None, cfg: Config,
                   progress: bool = True) -> Dataset:
     """Train/validation/holdout for ``task`` from what happened up to ``as_of``."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    try:
+        task = Task(task).value
+    except ValueError:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(t.value for t in Task)}") from None
     _check_events(log, task, cfg)
-    first, last = log.min_ts(), log.max_ts()
-    as_of = as_of or last
+    first = log.min_ts()
+    as_of = resolve_as_of(as_of, log.max_ts)
     window = timedelta(hours=cfg.labels.open_attribution_hours)
     if task == "open":
         train_t, valid_t, hold_t = open_snapshots(as_of, first, cfg)

@@ -3,27 +3,23 @@ with plots and a new registered model version."""
 
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import lightgbm as lgb
 import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import pandas as pd
-import xgboost as xgb
 from mlflow.models import infer_signature
 
+from boosters import adapter, apply_calibration
+from configs import Config, write_atomic
 from features.events import EventLog
 from features.rows import FeatureSpec
-from configs import Config
-from serving.predictor import apply_calibration
 from training import plots
 from training.calibration import fit_calibrator
 from training.datasets import Dataset, build_dataset
@@ -57,13 +53,13 @@ class Evaluated:
 
 
 def fit_and_evaluate(ds: Dataset, library: str, cfg: Config, overrides: dict[str, Any] | None = None,
-                     extra_callbacks: list | None = None) -> Evaluated:
+                     reporters: list | None = None) -> Evaluated:
     """Fit on train, stop early and calibrate on validation, measure on the holdout."""
     spec = FeatureSpec.fit(ds.train.rows, ds.categorical, cfg.features.max_attribute_levels)
     names = list(spec.names)
     x_train, x_valid, x_hold = (spec.encode(s.rows) for s in (ds.train, ds.valid, ds.holdout))
     fitted = fit_model(library, x_train, ds.train.label, x_valid, ds.valid.label, names, cfg,
-                       overrides, extra_callbacks)
+                       overrides, reporters)
     p_valid = predict_raw(library, fitted.booster, x_valid)
     calibrator, evidence = fit_calibrator(cfg.datasets.calibration, p_valid, ds.valid.label.astype(float),
                                           ds.valid.meta["user_id"].to_numpy())
@@ -104,16 +100,8 @@ def save_holdout(ds: Dataset, cfg: Config) -> Path:
         frame["__label"] = ds.holdout.label
         for col in ds.holdout.meta.columns:
             frame[f"__meta_{col}"] = ds.holdout.meta[col].to_numpy()
-        tmp = path.with_suffix(".tmp")
-        frame.to_parquet(tmp, index=False)
-        tmp.replace(path)
+        write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
     return path
-
-
-def _model_size_bytes(fitted: Fitted) -> int:
-    if fitted.library == "lightgbm":
-        return len(fitted.booster.model_to_string().encode())
-    return len(fitted.booster.save_raw("ubj"))
 
 
 def _log_figures(ds: Dataset, ev: Evaluated) -> None:
@@ -131,13 +119,6 @@ def _log_figures(ds: Dataset, ev: Evaluated) -> None:
     for path, fig in figures.items():
         mlflow.log_figure(fig, path)
         plt.close(fig)
-
-
-def _pip_requirements(library: str) -> list[str]:
-    version = lgb.__version__ if library == "lightgbm" else xgb.__version__
-    package = "lightgbm" if library == "lightgbm" else "xgboost-cpu"
-    return [f"mlflow=={mlflow.__version__}", f"{package}=={version}", f"numpy=={np.__version__}",
-            f"pandas=={pd.__version__}"]
 
 
 def train_task(
@@ -169,7 +150,7 @@ def train_task(
         ev = fit_and_evaluate(ds, library, cfg, overrides)
         mlflow.log_params({f"model.{k}": v for k, v in ev.fitted.params.items()
                            if k not in ("metric", "eval_metric")})
-        ev.metrics["model_size_bytes"] = float(_model_size_bytes(ev.fitted))
+        ev.metrics["model_size_bytes"] = float(adapter(library).size_bytes(ev.fitted.booster))
         mlflow.log_metrics(ev.metrics)
         mlflow.log_dict({"features": list(ev.spec.names)}, "features/feature_list.json")
         mlflow.log_dict(ev.calibrator, "calibration/calibrator.json")
@@ -180,12 +161,10 @@ def train_task(
         metadata = {"task": task, "library": library, "feature_spec": ev.spec.to_dict(),
                     "calibrator": ev.calibrator, "holdout_digest": ds.holdout_digest(),
                     "as_of": ds.as_of.isoformat()}
-        flavor = mlflow.lightgbm if library == "lightgbm" else mlflow.xgboost
-        kwargs = {"lgb_model": ev.fitted.booster} if library == "lightgbm" else {"xgb_model": ev.fitted.booster}
-        info = flavor.log_model(
-            name="model", signature=signature, metadata=metadata,
-            pip_requirements=_pip_requirements(library),
-            registered_model_name=model_name if register else None, **kwargs,
+        info = adapter(library).log_model(
+            ev.fitted.booster, name="model", signature=signature, metadata=metadata,
+            pip_requirements=adapter(library).pip_requirements(),
+            registered_model_name=model_name if register else None,
         )
         version = str(info.registered_model_version) if register else None
         if version:

@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
-from configs import Config
-from serving.predictor import load_registered_model
+from configs import Config, SendtimeError
+from serving.predictor import alias_version, load_registered_model
 from training.metrics import binary_metrics
 from training.tracking import configure_tracking
 
@@ -26,7 +25,7 @@ __all__ = ["PromotionRefused", "Promotion", "promote_champion", "rollback_champi
 log = logging.getLogger(__name__)
 
 
-class PromotionRefused(RuntimeError):
+class PromotionRefused(SendtimeError, RuntimeError):
     """The gate said no; the message says why."""
 
 
@@ -49,10 +48,7 @@ def load_holdout(path: str | Path) -> tuple[pd.DataFrame, np.ndarray, pd.DataFra
 
 
 def list_versions(client: MlflowClient, name: str) -> list:
-    try:
-        versions = client.search_model_versions(f"name = '{name}'")
-    except MlflowException:
-        return []
+    versions = client.search_model_versions(f"name = '{name}'")
     return sorted(versions, key=lambda v: int(v.version))
 
 
@@ -71,13 +67,6 @@ def evaluate_version(cfg: Config, name: str, version: str, holdout_path: str | P
 def _holdout_log_loss(client: MlflowClient, mv) -> float:
     run = client.get_run(mv.run_id)
     return float(run.data.metrics.get("holdout_log_loss", np.inf))
-
-
-def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
-    try:
-        return version_of(client.get_model_version_by_alias(name, alias))
-    except MlflowException:
-        return None
 
 
 def promote_champion(cfg: Config, task: str, version: str | int | None = None,
@@ -105,7 +94,7 @@ def promote_champion(cfg: Config, task: str, version: str | int | None = None,
                                    + ", ".join(version_of(v) for v in versions))
         candidate, reason = matches[0], "asked for by number"
     alias, previous_alias = cfg.tracking.champion_alias, cfg.tracking.previous_alias
-    current = _alias_version(client, name, alias)
+    current = alias_version(client, name, alias)
     if current == version_of(candidate):
         return Promotion(task, name, version_of(candidate), current, f"version {current} is already {alias}")
     if current is not None:
@@ -122,7 +111,12 @@ def promote_champion(cfg: Config, task: str, version: str | int | None = None,
                     f"{margin:.1%} {verdict}; pass --force to promote it anyway")
             reason += f"; gate passed {verdict}" if cand <= champ * (1 + margin) else f"; forced {verdict}"
         elif not force:
-            log.warning("the candidate's holdout is missing; the champion gate cannot compare them")
+            raise PromotionRefused(
+                f"the gate cannot compare version {version_of(candidate)} with champion {current}: "
+                f"the candidate's saved holdout is missing ({holdout or 'never recorded'}); "
+                "pass --force to promote it without the comparison")
+        else:
+            reason += "; forced without the gate (the candidate's holdout is missing)"
         client.set_registered_model_alias(name, previous_alias, current)
     client.set_registered_model_alias(name, alias, version_of(candidate))
     return Promotion(task, name, version_of(candidate), current, reason)
@@ -134,8 +128,8 @@ def rollback_champion(cfg: Config, task: str) -> Promotion:
     client = MlflowClient()
     name = cfg.tracking.model_name(task)
     alias, previous_alias = cfg.tracking.champion_alias, cfg.tracking.previous_alias
-    previous = _alias_version(client, name, previous_alias)
-    current = _alias_version(client, name, alias)
+    previous = alias_version(client, name, previous_alias)
+    current = alias_version(client, name, alias)
     if previous is None:
         raise PromotionRefused(f"{name!r} has no {previous_alias!r} to roll back to")
     client.set_registered_model_alias(name, alias, previous)

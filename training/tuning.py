@@ -11,12 +11,13 @@ from typing import Any
 import mlflow
 import optuna
 
+from boosters import adapter
 from configs import Config
 from training.datasets import Dataset
 from training.tracking import configure_tracking
-from training.trainers import fit_model
+from training.trainers import fit_model, predict_raw
 
-__all__ = ["tune", "best_params_for", "study_name", "search_space"]
+__all__ = ["best_params_for", "study_name", "tune"]
 
 log = logging.getLogger(__name__)
 
@@ -34,55 +35,16 @@ def _storage(cfg: Config) -> str:
     return storage
 
 
-def search_space(trial: optuna.Trial, library: str) -> dict[str, Any]:
-    if library == "lightgbm":
-        return {
-            "learning_rate": trial.suggest_float("learning_rate", 0.02, 0.2, log=True),
-            "num_leaves": trial.suggest_int("num_leaves", 15, 127, log=True),
-            "min_data_in_leaf": trial.suggest_int("min_data_in_leaf", 20, 500, log=True),
-            "feature_fraction": trial.suggest_float("feature_fraction", 0.5, 1.0),
-            "bagging_fraction": trial.suggest_float("bagging_fraction", 0.5, 1.0),
-            "lambda_l2": trial.suggest_float("lambda_l2", 1e-3, 30.0, log=True),
-        }
-    return {
-        "eta": trial.suggest_float("eta", 0.02, 0.2, log=True),
-        "max_depth": trial.suggest_int("max_depth", 3, 10),
-        "min_child_weight": trial.suggest_float("min_child_weight", 1.0, 200.0, log=True),
-        "subsample": trial.suggest_float("subsample", 0.5, 1.0),
-        "colsample_bytree": trial.suggest_float("colsample_bytree", 0.5, 1.0),
-        "lambda": trial.suggest_float("lambda", 1e-3, 30.0, log=True),
-    }
+def _pruning_reporter(trial: optuna.Trial):
+    """Report the validation log loss to Optuna every few rounds; stop a hopeless trial."""
 
+    def report(metrics: dict[str, float], step: int) -> None:
+        if "valid_log_loss" in metrics:
+            trial.report(metrics["valid_log_loss"], step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at round {step}")
 
-class _PruneLightGBM:
-    order = 25
-
-    def __init__(self, trial: optuna.Trial, every: int = 10) -> None:
-        self.trial, self.every = trial, every
-
-    def __call__(self, env) -> None:
-        if env.iteration % self.every:
-            return
-        for data, name, value, _ in env.evaluation_result_list:
-            if data == "valid" and name == "binary_logloss":
-                self.trial.report(value, env.iteration)
-                if self.trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned at round {env.iteration}")
-
-
-def _prune_xgboost(trial: optuna.Trial, every: int = 10):
-    import xgboost as xgb
-
-    class _Prune(xgb.callback.TrainingCallback):
-        def after_iteration(self, model, epoch: int, evals_log: dict) -> bool:
-            if epoch % every == 0:
-                value = evals_log["valid"]["logloss"][-1]
-                trial.report(value, epoch)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned at round {epoch}")
-            return False
-
-    return _Prune()
+    return report
 
 
 def tune(ds: Dataset, library: str, cfg: Config, trials: int | None = None,
@@ -105,21 +67,18 @@ def tune(ds: Dataset, library: str, cfg: Config, trials: int | None = None,
     log.info("study %s: %d trial(s) already done, running %d more", study.study_name, done, trials)
 
     def objective(trial: optuna.Trial) -> float:
-        params = search_space(trial, library)
-        callback = _PruneLightGBM(trial) if library == "lightgbm" else _prune_xgboost(trial)
+        params = adapter(library).search_space(trial)
         with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
                               tags={"task": ds.task, "library": library, "optuna_trial": str(trial.number),
                                     "optuna_study": study.study_name}):
             mlflow.log_params(params)
             try:
                 fitted = fit_model(library, x_train, ds.train.label, x_valid, ds.valid.label, names, cfg,
-                                   params, extra_callbacks=[callback])
+                                   params, reporters=[_pruning_reporter(trial)])
             except optuna.TrialPruned:
                 mlflow.set_tag("state", "pruned")
                 raise
             from sklearn.metrics import log_loss
-
-            from training.trainers import predict_raw
 
             value = float(log_loss(ds.valid.label, predict_raw(library, fitted.booster, x_valid), labels=[0, 1]))
             trial.set_user_attr("best_iteration", fitted.best_iteration)
@@ -157,7 +116,4 @@ def best_params_for(cfg: Config, task: str, library: str) -> dict[str, Any]:
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise ValueError(f"the tuning study for {task}/{library} has no completed trial yet")
-    params = dict(study.best_params)
-    if library == "lightgbm":
-        params["bagging_freq"] = 1
-    return params
+    return {**study.best_params, **adapter(library).fixed_tuning_params()}

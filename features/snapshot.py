@@ -1,0 +1,70 @@
+"""A feature snapshot on disk: the user matrix as one Parquet file and one manifest that
+says what it is. ``sendtime features`` and the nightly refresh both write it this way,
+and the service reads it back; one schema for every snapshot:
+
+    <folder>/features.parquet     one row per user; per-slot families as family__SSS columns
+    <folder>/manifest.json        {"as_of", "n_users", "n_slots", "slot_kind", "attributes",
+                                   "population", "population_priors", ...job's own keys}
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from configs import Config, write_atomic
+from features.matrix import PopulationPriors, UserMatrix
+
+__all__ = ["FEATURES_FILE", "MANIFEST_FILE", "read_manifest", "read_snapshot", "snapshot_manifest",
+           "write_manifest", "write_snapshot"]
+
+FEATURES_FILE = "features.parquet"
+MANIFEST_FILE = "manifest.json"
+
+
+def snapshot_manifest(matrix: UserMatrix, priors: PopulationPriors, cfg: Config, **extra: object) -> dict:
+    """The manifest of a snapshot: what every reader needs to rebuild the matrix, plus the
+    population priors its features were derived with (and which population that was)."""
+    return {
+        "as_of": matrix.as_of.isoformat(),
+        "n_users": len(matrix),
+        "n_slots": matrix.n_slots,
+        "slot_kind": cfg.slots.kind,
+        "attributes": list(matrix.attributes),
+        "population": priors.population,
+        "population_priors": priors.to_dict(),
+        **extra,
+    }
+
+
+def write_manifest(folder: str | Path, manifest: dict) -> Path:
+    text = json.dumps(manifest, indent=2, default=str)
+    return write_atomic(Path(folder) / MANIFEST_FILE, lambda tmp: tmp.write_text(text))
+
+
+def read_manifest(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / MANIFEST_FILE).read_text())
+
+
+def write_snapshot(folder: str | Path, matrix: UserMatrix, priors: PopulationPriors, cfg: Config,
+                   **extra: object) -> dict:
+    """Write the matrix and its manifest (each atomically); returns the manifest."""
+    folder = Path(folder)
+    frame = matrix.to_frame()
+    write_atomic(folder / FEATURES_FILE, lambda tmp: frame.to_parquet(tmp, index=False))
+    manifest = snapshot_manifest(matrix, priors, cfg, **extra)
+    write_manifest(folder, manifest)
+    return manifest
+
+
+def read_snapshot(folder: str | Path) -> tuple[UserMatrix, dict]:
+    """The matrix of a snapshot folder and its manifest."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    frame = pd.read_parquet(folder / FEATURES_FILE)
+    matrix = UserMatrix.from_frame(frame, datetime.fromisoformat(manifest["as_of"]),
+                                   int(manifest["n_slots"]), tuple(manifest["attributes"]))
+    return matrix, manifest

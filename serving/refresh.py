@@ -1,0 +1,141 @@
+"""The nightly job: read the log, build every user's features as of T, score them with the
+scoring core (:mod:`serving.core`), write the tags, the tag store, the feature snapshot and
+the cold-start priors into a new refresh folder, and publish it atomically.
+
+Everything is written under a temporary folder first; only a complete refresh replaces
+the current one, so a failure leaves the previous tags serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from configs import Config, atomic_path, resolve_as_of
+from features.events import EventLog
+from features.families import feature_catalog
+from features.matrix import build_matrix
+from features.snapshot import write_snapshot
+from serving.core import PriorTable, ScoringCore, cold_start_priors
+from serving.models import Champions
+from serving.tagstore import RefreshPaths, new_refresh_dir, publish_refresh, write_store
+
+__all__ = ["TAG_COLUMNS", "RefreshResult", "refresh_tags", "tags_frame"]
+
+log = logging.getLogger(__name__)
+
+TAG_COLUMNS = ["user_id", "slot_open_probs", "best_slot", "best_slot_open_prob", "churn_prob",
+               "churn_tier", "churn_reasons", "open_model_version", "churn_model_version", "scored_at",
+               "cold_start", "unsubscribed"]
+TAG_SCHEMA = pa.schema([
+    ("user_id", pa.string()), ("slot_open_probs", pa.list_(pa.float32())), ("best_slot", pa.int32()),
+    ("best_slot_open_prob", pa.float64()), ("churn_prob", pa.float64()), ("churn_tier", pa.string()),
+    ("churn_reasons", pa.list_(pa.string())),
+    ("open_model_version", pa.string()), ("churn_model_version", pa.string()),
+    ("scored_at", pa.timestamp("us", tz="UTC")), ("cold_start", pa.bool_()), ("unsubscribed", pa.bool_()),
+])
+
+
+@dataclass
+class RefreshResult:
+    tags_path: Path
+    refresh: RefreshPaths
+    n_users: int
+    n_cold_start: int
+    versions: dict[str, str | None]
+    missing: dict[str, str]
+
+
+def tags_frame(user_ids: pd.Index, scores, versions: dict[str, str | None], scored_at: datetime,
+               reasons: list) -> pd.DataFrame:
+    """The contract's tag table from the core's scores."""
+    n = len(user_ids)
+    tags = pd.DataFrame({"user_id": np.asarray(user_ids).astype(str)})
+    slot = scores.slot_probs
+    if slot is not None:
+        # a user with neither a score nor a prior has no probabilities and no best slot
+        # (not a false slot 0), nor has one no message reaches
+        has = ~np.isnan(slot).all(axis=1)
+        rows = list(slot.astype(float))
+        tags["slot_open_probs"] = rows if has.all() else [r if k else None for r, k in zip(rows, has)]
+    else:
+        tags["slot_open_probs"] = None
+    tags["best_slot"] = pd.Series(scores.best_slot).where(scores.best_slot >= 0).astype("Int64")
+    tags["best_slot_open_prob"] = scores.best_prob()
+    tags["churn_prob"] = scores.churn_prob
+    tags["churn_tier"] = scores.churn_tier
+    tags["churn_reasons"] = reasons if reasons else [None] * n
+    tags["open_model_version"] = versions["open"]
+    tags["churn_model_version"] = versions["churn"]
+    stamp = pd.Timestamp(scored_at)
+    tags["scored_at"] = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp
+    tags["cold_start"] = scores.cold_start
+    tags["unsubscribed"] = scores.unreachable
+    return tags[TAG_COLUMNS]
+
+
+def _score_everyone(core: ScoringCore, cfg: Config, progress: bool):
+    """Every user's scores, the cold-start priors they imply, and churn reasons."""
+    everyone = np.arange(len(core.matrix))
+    model = core.model_scores(everyone, progress)
+    priors = cold_start_priors(core.matrix.scalars, core.matrix.attributes, *model)
+    scores = core.score(everyone, PriorTable(priors), model=model)
+    reasons: list = [None] * len(everyone)
+    k, batch = cfg.serving.churn_reasons, cfg.serving.score_batch_users
+    if core.champions.churn and k:
+        explain = core.explain_positions(scores.churn_tier, scores.cold_start)
+        catalog = feature_catalog(cfg)
+        for start in tqdm(range(0, len(explain), batch), desc="explaining churn risk", unit="batch",
+                          disable=not progress or not len(explain)):
+            part = explain[start:start + batch]
+            for i, r in zip(part, core.churn_reasons(part, k, catalog)):
+                reasons[i] = r
+    return scores, priors, reasons
+
+
+def refresh_tags(log_: EventLog, cfg: Config, champions: Champions, out: Path | None,
+                 as_of: datetime | None = None, progress: bool = True) -> RefreshResult:
+    """The nightly job: features as of T, scores, tags, priors; published atomically."""
+    as_of = resolve_as_of(as_of, log_.max_ts)
+    serving_dir = Path(cfg.serving.serving_dir)
+    building, refresh_id = new_refresh_dir(serving_dir)
+    try:
+        log.info("building features of every user as of %s", as_of)
+        matrix, population = build_matrix(log_, as_of, cfg)
+        log.info("features ready: %d users; scoring %d slots each", len(matrix), matrix.n_slots)
+        scored_at = datetime.now(timezone.utc)
+        core = ScoringCore(champions, matrix, cfg)
+        scores, priors, reasons = _score_everyone(core, cfg, progress)
+        tags = tags_frame(matrix.user_ids, scores, champions.versions(), scored_at, reasons)
+        table = pa.Table.from_pandas(tags, schema=TAG_SCHEMA, preserve_index=False)
+        pq.write_table(table, building.tags)
+        priors.to_parquet(building.priors, index=False)
+        manifest = write_snapshot(
+            building.root, matrix, population, cfg,
+            refresh_id=refresh_id, scored_at=scored_at.isoformat(),
+            n_cold_start=int(tags["cold_start"].sum()), model_versions=champions.versions(),
+            churn_tier_cutoffs=scores.cutoffs, missing_tasks=champions.missing,
+            events=log_.sources.get("events", ""))
+        write_store(building, priors, manifest)
+        with atomic_path(out) if out is not None else nullcontext() as staged:
+            if staged is not None:
+                pq.write_table(table, staged)
+            # only a published refresh replaces --out, so the two never disagree after a failure
+            published = publish_refresh(serving_dir, building, refresh_id, cfg.serving.keep_refreshes)
+    except BaseException:
+        shutil.rmtree(building.root, ignore_errors=True)
+        raise
+    return RefreshResult(tags_path=Path(out) if out else published.tags, refresh=published,
+                         n_users=len(tags), n_cold_start=int(tags["cold_start"].sum()),
+                         versions=champions.versions(), missing=champions.missing)
+
