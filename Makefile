@@ -7,7 +7,7 @@ export BENTOML_DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: install demo test bench ui
+.PHONY: install demo test lint bench ui
 
 $(VENV)/.installed: pyproject.toml uv.lock
 	@$(UV) --version >/dev/null 2>&1 || $(PY) -m pip install --quiet "uv>=0.5,<1"
@@ -19,8 +19,11 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/sendtime demo
 
-test: install
+test: lint
 	$(VENV)/bin/python -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
 
 bench: install
 	$(VENV)/bin/python benchmarks/bench_pipeline.py --users 100000

@@ -30,9 +30,9 @@ def _peak_mb() -> float:
 
 
 def stage_features_duckdb(data: Path) -> dict:
+    from configs import load_config
     from features.events import open_log
     from features.matrix import build_matrix
-    from configs import load_config
 
     cfg = load_config()
     start = time.perf_counter()
@@ -79,8 +79,8 @@ def stage_features_pandas(data: Path) -> dict:
 
 
 def stage_training(data: Path, library: str) -> dict:
-    from features.events import open_log
     from configs import load_config
+    from features.events import open_log
     from training.datasets import build_dataset
     from training.pipeline import fit_and_evaluate
 
@@ -98,8 +98,8 @@ def stage_training(data: Path, library: str) -> dict:
 
 
 def stage_scoring(data: Path) -> dict:
-    from features.events import open_log
     from configs import load_config
+    from features.events import open_log
     from serving.models import load_champions
     from serving.refresh import refresh_tags
 
@@ -165,8 +165,8 @@ def main() -> None:
         return
     data = args.data or ROOT / "data" / f"bench-{args.users}"
     if not (data / "events.parquet").exists():
-        from simulator.generate import simulate
         from configs import load_config
+        from simulator.generate import simulate
 
         start = time.perf_counter()
         simulate(load_config(), data, users=args.users, days=args.days, seed=7)

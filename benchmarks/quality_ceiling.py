@@ -33,8 +33,8 @@ import pandas as pd
 from configs import load_config
 from features.events import open_log
 from features.matrix import slot_counts
-from simulator.judge import expected_log_loss, slot_capture
 from simulator.generate import ARCHETYPES
+from simulator.judge import expected_log_loss, slot_capture
 from simulator.references import archetype_shapes, bayes_posterior, counts_by_day_type, structural_em
 
 

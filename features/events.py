@@ -27,12 +27,19 @@ __all__ = [
     "open_log",
     "from_frames",
     "to_utc",
+    # SQL helpers the importer shares
+    "columns_of",
+    "connect_duckdb",
+    "source_sql",
+    "sql_quote",
 ]
 
 log = logging.getLogger(__name__)
 
 EVENT_KINDS = EVENT_NAMES
-_OPTIONAL_EVENT_COLUMNS = ("message_id", "channel", "value")
+_OPTIONAL_EVENT_COLUMNS = ("message_id", "channel", "value", "propensity")
+# optional columns that hold numbers; the rest are strings
+_NUMERIC_EVENT_COLUMNS = ("value", "propensity")
 _RESERVED_USER_COLUMNS = ("user_id", "signup_ts", "timezone")
 _SHOW_BAD_ROWS = 5
 
@@ -53,7 +60,8 @@ def to_utc(value: str | datetime | pd.Timestamp) -> datetime:
 class EventLog:
     """A validated log, as DuckDB views.
 
-    Views: ``events`` (user_id, ts [naive UTC], event, message_id, channel, value),
+    Views: ``events`` (user_id, ts [naive UTC], event, message_id, channel, value,
+    propensity [NULL when not logged]),
     ``users`` (user_id, timezone, signup_ts, attributes...), and ``events_local``
     (events plus ``local_ts``, ``local_hour``, ``local_dow`` with Monday = 0).
     """
@@ -83,7 +91,7 @@ class EventLog:
         self.con.close()
 
 
-def _source_sql(path: Path, what: str) -> str:
+def source_sql(path: Path, what: str) -> str:
     """A DuckDB table function reading a Parquet/CSV file or a folder of them."""
     if not path.exists():
         raise EventLogError(f"{what}: no such file or folder: {path}")
@@ -102,17 +110,17 @@ def _source_sql(path: Path, what: str) -> str:
         if suffix not in (".parquet", ".csv"):
             raise EventLogError(f"{what}: {path} is neither .parquet nor .csv")
         kind = suffix[1:]
-    listing = "[" + ", ".join(_quote(str(f)) for f in files) + "]"
+    listing = "[" + ", ".join(sql_quote(str(f)) for f in files) + "]"
     if kind == "parquet":
         return f"read_parquet({listing}, filename = true, union_by_name = true)"
     return f"read_csv({listing}, filename = true, union_by_name = true, all_varchar = true)"
 
 
-def _quote(text: str) -> str:
+def sql_quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _connect(threads: int | None = None, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
+def connect_duckdb(threads: int | None = None, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     # every naive timestamp in sendtime is UTC; DuckDB must agree when it casts
     con.execute("SET TimeZone = 'UTC'")
@@ -121,11 +129,11 @@ def _connect(threads: int | None = None, memory_limit: str | None = None) -> duc
     if memory_limit:
         # DuckDB's default is 80 % of RAM; a cap makes large aggregations spill to disk
         # instead of crowding out the model and the feature arrays
-        con.execute(f"SET memory_limit = {_quote(memory_limit)}")
+        con.execute(f"SET memory_limit = {sql_quote(memory_limit)}")
     return con
 
 
-def _columns(con: duckdb.DuckDBPyConnection, relation: str) -> dict[str, str]:
+def columns_of(con: duckdb.DuckDBPyConnection, relation: str) -> dict[str, str]:
     rows = con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()
     return {name: str(dtype) for name, dtype, *_ in rows}
 
@@ -145,7 +153,7 @@ def _ts_expr(column: str, dtype: str, what: str) -> str:
 
 def _raw_events(con: duckdb.DuckDBPyConnection) -> str:
     """Register ``raw_events`` with normalised columns and a ``_row`` locator."""
-    cols = _columns(con, "events_source")
+    cols = columns_of(con, "events_source")
     missing = [c for c in ("user_id", "ts", "event") if c not in cols]
     if missing:
         raise EventLogError(
@@ -162,18 +170,23 @@ def _raw_events(con: duckdb.DuckDBPyConnection) -> str:
     # extra columns are kept (the quarantine file carries them) and otherwise ignored
     extras = [c for c in cols if c not in ("user_id", "ts", "event", "filename", *_OPTIONAL_EVENT_COLUMNS)]
     for name in _OPTIONAL_EVENT_COLUMNS:
+        cast = "DOUBLE" if name in _NUMERIC_EVENT_COLUMNS else "VARCHAR"
         if name in cols:
-            cast = "DOUBLE" if name == "value" else "VARCHAR"
             optional.append(f"TRY_CAST({name} AS {cast}) AS {name}")
-            if name == "value":
-                optional.append(f"{name} IS NOT NULL AND TRY_CAST({name} AS DOUBLE) IS NULL AS _bad_value")
-                # errors and the quarantine show the value as it was written, not the failed cast
-                optional.append(f"CAST({name} AS VARCHAR) AS _value_text")
         else:
-            optional.append(f"CAST(NULL AS {'DOUBLE' if name == 'value' else 'VARCHAR'}) AS {name}")
-    if "value" not in cols:
-        optional.append("false AS _bad_value")
-        optional.append("CAST(NULL AS VARCHAR) AS _value_text")
+            optional.append(f"CAST(NULL AS {cast}) AS {name}")
+    for name in _NUMERIC_EVENT_COLUMNS:
+        if name in cols:
+            bad = f"{name} IS NOT NULL AND TRY_CAST({name} AS DOUBLE) IS NULL"
+            if name == "propensity":
+                # a probability the policy chose the slot: 0 would divide every estimate
+                bad = f"({bad}) OR NOT (TRY_CAST({name} AS DOUBLE) > 0 AND TRY_CAST({name} AS DOUBLE) <= 1)"
+            optional.append(f"coalesce({bad}, false) AS _bad_{name}")
+            # errors and the quarantine show the value as it was written, not the failed cast
+            optional.append(f"CAST({name} AS VARCHAR) AS _{name}_text")
+        else:
+            optional.append(f"false AS _bad_{name}")
+            optional.append(f"CAST(NULL AS VARCHAR) AS _{name}_text")
     optional.extend(f"{_ident(c)} AS {_ident('_extra_' + c)}" for c in extras)
     con.execute(
         f"""
@@ -207,11 +220,13 @@ _EVENT_CHECKS = {
         "_event_text",
     ),
     "value": ("_bad_value", "have a value that is not a number", "_value_text"),
+    "propensity": ("_bad_propensity", "have a propensity that is not a number in (0, 1]",
+                   "_propensity_text"),
 }
 
 
 def _check_events(con: duckdb.DuckDBPyConnection, quarantine: Path | None) -> int:
-    kinds = ", ".join(_quote(k) for k in EVENT_KINDS)
+    kinds = ", ".join(sql_quote(k) for k in EVENT_KINDS)
     conditions = {
         col: cond.format(kinds=kinds) for col, (cond, _, _) in _EVENT_CHECKS.items()
     }
@@ -245,13 +260,14 @@ def _check_events(con: duckdb.DuckDBPyConnection, quarantine: Path | None) -> in
     reason = " || ".join(
         f"CASE WHEN {cond} THEN '{col};' ELSE '' END" for col, cond in conditions.items()
     )
-    extras = [c for c in _columns(con, "raw_events_located") if c.startswith("_extra_")]
+    extras = [c for c in columns_of(con, "raw_events_located") if c.startswith("_extra_")]
     extra_sql = "".join(f", {_ident(c)} AS {_ident(c[len('_extra_'):])}" for c in extras)
     con.execute(
         f"COPY (SELECT user_id, _ts_text AS ts, _event_text AS event, message_id, channel,"
-        f" _value_text AS value{extra_sql}, _row AS source_row, {reason} AS bad_columns"
+        f" _value_text AS value, _propensity_text AS propensity{extra_sql}, _row AS source_row,"
+        f" {reason} AS bad_columns"
         f" FROM raw_events_located WHERE {any_bad})"
-        f" TO {_quote(str(quarantine))} (FORMAT parquet)"
+        f" TO {sql_quote(str(quarantine))} (FORMAT parquet)"
     )
     log.warning("events: %d invalid row(s) moved to %s:\n  %s", n_bad, quarantine, "\n  ".join(problems))
     con.execute(f"CREATE OR REPLACE TEMP VIEW clean_events AS SELECT * FROM raw_events WHERE NOT ({any_bad})")
@@ -266,7 +282,7 @@ def _load_users(con: duckdb.DuckDBPyConnection, default_tz: str) -> tuple[tuple[
         con.execute(
             "CREATE OR REPLACE TEMP VIEW users_source AS SELECT CAST(NULL AS VARCHAR) AS user_id WHERE false"
         )
-    cols = _columns(con, "users_source")
+    cols = columns_of(con, "users_source")
     if "user_id" not in cols:
         raise EventLogError(f"users: missing required column 'user_id'; found {', '.join(map(repr, cols))}")
     missing_id = "user_id IS NULL OR trim(CAST(user_id AS VARCHAR)) = ''"
@@ -302,11 +318,11 @@ def _load_users(con: duckdb.DuckDBPyConnection, default_tz: str) -> tuple[tuple[
         valid = [z for z, ok in zones.items() if ok]
         tz_expr = (
             f"CASE WHEN CAST(timezone AS VARCHAR) IN (SELECT unnest(?)) THEN CAST(timezone AS VARCHAR)"
-            f" ELSE {_quote(default_tz)} END"
+            f" ELSE {sql_quote(default_tz)} END"
         )
         params = [valid]
     else:
-        tz_expr, params = _quote(default_tz), []
+        tz_expr, params = sql_quote(default_tz), []
     signup = (
         _ts_expr("signup_ts", cols["signup_ts"], "users") if "signup_ts" in cols else "CAST(NULL AS TIMESTAMP)"
     )
@@ -367,12 +383,12 @@ def _valid_zone(zone: str | None) -> bool:
 def _finish(con: duckdb.DuckDBPyConnection, default_tz: str, materialize_max_rows: int) -> None:
     con.execute(
         """CREATE OR REPLACE TEMP VIEW events AS
-        SELECT user_id, ts, event, message_id, channel, value FROM clean_events"""
+        SELECT user_id, ts, event, message_id, channel, value, propensity FROM clean_events"""
     )
     con.execute(
         f"""CREATE OR REPLACE TEMP VIEW events_local_view AS
         WITH e AS (
-            SELECT e.*, coalesce(u.timezone, {_quote(default_tz)}) AS timezone
+            SELECT e.*, coalesce(u.timezone, {sql_quote(default_tz)}) AS timezone
             FROM events e LEFT JOIN users u USING (user_id)
         )
         SELECT *, timezone(timezone, CAST(ts AS TIMESTAMPTZ)) AS local_ts,
@@ -386,7 +402,8 @@ def _finish(con: duckdb.DuckDBPyConnection, default_tz: str, materialize_max_row
         con.execute("CREATE OR REPLACE TEMP TABLE events_local_table AS SELECT * FROM events_local_view")
         con.execute("CREATE OR REPLACE TEMP VIEW events_local AS SELECT * FROM events_local_table")
         con.execute("""CREATE OR REPLACE TEMP VIEW events AS
-            SELECT user_id, ts, event, message_id, channel, value FROM events_local_table""")
+            SELECT user_id, ts, event, message_id, channel, value, propensity
+            FROM events_local_table""")
     else:
         con.execute("CREATE OR REPLACE TEMP VIEW events_local AS SELECT * FROM events_local_view")
 
@@ -406,11 +423,11 @@ def open_log(
     Invalid rows raise :class:`EventLogError`, or go to ``quarantine`` (a Parquet file)
     when one is given; they are never dropped silently.
     """
-    con = _connect(threads, memory_limit)
-    con.execute(f"CREATE OR REPLACE TEMP VIEW events_source AS SELECT * FROM {_source_sql(Path(events), 'events')}")
+    con = connect_duckdb(threads, memory_limit)
+    con.execute(f"CREATE OR REPLACE TEMP VIEW events_source AS SELECT * FROM {source_sql(Path(events), 'events')}")
     if users is not None:
         con.execute(
-            f"CREATE OR REPLACE TEMP VIEW users_source AS SELECT * FROM {_source_sql(Path(users), 'users')}"
+            f"CREATE OR REPLACE TEMP VIEW users_source AS SELECT * FROM {source_sql(Path(users), 'users')}"
         )
     return _assemble(con, default_timezone, Path(quarantine) if quarantine else None,
                      {"events": str(events), "users": str(users) if users else ""}, materialize_max_rows)
@@ -425,7 +442,7 @@ def from_frames(
     threads: int | None = None,
 ) -> EventLog:
     """The same as :func:`open_log` for in-memory frames (tests, Dask partitions)."""
-    con = _connect(threads)
+    con = connect_duckdb(threads)
     con.register("events_frame", events)
     con.execute("CREATE OR REPLACE TEMP VIEW events_source AS SELECT * FROM events_frame")
     if users is not None:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import duckdb
 
-from features.events import EventLogError, _columns, _connect, _quote, _source_sql, open_log
+from configs import write_atomic
+from features.events import EventLogError, columns_of, connect_duckdb, open_log, source_sql, sql_quote
 
 __all__ = ["ColumnMapping", "import_table", "ImportSummary"]
 
@@ -74,13 +75,14 @@ def _time_expr(column: str, dtype: str, zone: str | None) -> str:
         return f"CAST({c} AS TIMESTAMPTZ)"
     if dtype.upper().startswith(("TIMESTAMP", "DATE")):
         naive = f"CAST({c} AS TIMESTAMP)"
-        return f"timezone({_quote(zone)}, {naive})" if zone else f"CAST({naive} AS TIMESTAMPTZ)"
+        return f"timezone({sql_quote(zone)}, {naive})" if zone else f"CAST({naive} AS TIMESTAMPTZ)"
     # text: an explicit offset ("...+08:00", "...Z") wins; naive text is in the source's
     # zone, or UTC (casting to TIMESTAMP would drop the offset silently)
     text = f"trim(CAST({c} AS VARCHAR))"
     naive = f"TRY_CAST({text} AS TIMESTAMP)"
-    naive = f"timezone({_quote(zone)}, {naive})" if zone else f"CAST({naive} AS TIMESTAMPTZ)"
-    return (f"CASE WHEN regexp_matches({text}, '[0-9]:[0-9]{{2}}(:[0-9]{{2}}([.][0-9]+)?)? *(Z|z|[+-][0-9]{{2}}(:?[0-9]{{2}})?)$')"
+    naive = f"timezone({sql_quote(zone)}, {naive})" if zone else f"CAST({naive} AS TIMESTAMPTZ)"
+    offset = "[0-9]:[0-9]{2}(:[0-9]{2}([.][0-9]+)?)? *(Z|z|[+-][0-9]{2}(:?[0-9]{2})?)$"
+    return (f"CASE WHEN regexp_matches({text}, '{offset}')"
             f" THEN TRY_CAST({text} AS TIMESTAMPTZ) ELSE {naive} END")
 
 
@@ -88,9 +90,9 @@ def import_table(source: str | Path, mapping: ColumnMapping, out: str | Path,
                  quarantine: str | Path | None = None, default_timezone: str = "UTC") -> ImportSummary:
     """Write ``out`` (Parquet) as a contract event log; validate it like any input."""
     out = Path(out)
-    con = _connect()
-    con.execute(f"CREATE TEMP VIEW src AS SELECT * FROM {_source_sql(Path(source), 'source')}")
-    cols = _columns(con, "src")
+    con = connect_duckdb()
+    con.execute(f"CREATE TEMP VIEW src AS SELECT * FROM {source_sql(Path(source), 'source')}")
+    cols = columns_of(con, "src")
     mapping.check(cols)
     n_source = con.execute("SELECT count(*) FROM src").fetchall()[0][0]
     # brackets keep a condition with OR from leaking into the checks ANDed after it
@@ -101,7 +103,7 @@ def import_table(source: str | Path, mapping: ColumnMapping, out: str | Path,
         raise EventLogError(f"mapping: --where {mapping.where!r} is not a valid condition: {exc}") from exc
     user = _user_expr(mapping.user, cols[mapping.user])
     ts = _time_expr(mapping.time, cols[mapping.time], mapping.source_timezone)
-    event = _quote(mapping.event_name) if mapping.event_name else f"CAST({_ident(mapping.event)} AS VARCHAR)"
+    event = sql_quote(mapping.event_name) if mapping.event_name else f"CAST({_ident(mapping.event)} AS VARCHAR)"
     value = f"TRY_CAST(({mapping.value}) AS DOUBLE)" if mapping.value else "CAST(NULL AS DOUBLE)"
     msg = f"CAST({_ident(mapping.message_id)} AS VARCHAR)" if mapping.message_id else "CAST(NULL AS VARCHAR)"
     channel = f"CAST({_ident(mapping.channel)} AS VARCHAR)" if mapping.channel else "CAST(NULL AS VARCHAR)"
@@ -125,16 +127,15 @@ def import_table(source: str | Path, mapping: ColumnMapping, out: str | Path,
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.staging-{os.getpid()}.parquet")
     try:
-        con.execute(f"COPY ({query} ORDER BY user_id, ts) TO {_quote(str(staging))} (FORMAT parquet)")
+        con.execute(f"COPY ({query} ORDER BY user_id, ts) TO {sql_quote(str(staging))} (FORMAT parquet)")
     except duckdb.Error as exc:
         raise EventLogError(f"mapping: could not build events from the source: {exc}") from exc
     try:
         # source rows were checked above; anything left failing here is a mapping bug: fail loudly
         checked = open_log(staging, default_timezone=default_timezone)
         n_events = checked.con.execute("SELECT count(*) FROM events").fetchall()[0][0]
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        checked.con.execute(f"COPY (SELECT * FROM events ORDER BY user_id, ts) TO {_quote(str(tmp))} (FORMAT parquet)")
-        os.replace(tmp, out)
+        write_atomic(out, lambda tmp: checked.con.execute(
+            f"COPY (SELECT * FROM events ORDER BY user_id, ts) TO {sql_quote(str(tmp))} (FORMAT parquet)"))
         checked.close()
     finally:
         staging.unlink(missing_ok=True)
@@ -149,7 +150,7 @@ def _check_source(con: duckdb.DuckDBPyConnection, mapping: ColumnMapping, user: 
     returns the SQL condition of bad source rows (quarantined when asked, else an error)."""
     from features.events import EVENT_KINDS
 
-    kinds = ", ".join(_quote(k) for k in EVENT_KINDS)
+    kinds = ", ".join(sql_quote(k) for k in EVENT_KINDS)
     # label -> (what the error shows, the condition of a bad row)
     checks = {
         f"source column {mapping.user!r}": (_ident(mapping.user), f"({user}) IS NULL OR trim({user}) = ''"),
@@ -163,7 +164,7 @@ def _check_source(con: duckdb.DuckDBPyConnection, mapping: ColumnMapping, user: 
         # a value that is there but is not a number would otherwise become an empty value
         checks[f"value {mapping.value!r}"] = (
             f"CAST(({mapping.value}) AS VARCHAR)", f"({mapping.value}) IS NOT NULL AND ({value}) IS NULL")
-    con.execute(f"CREATE OR REPLACE TEMP VIEW src_located AS SELECT *, row_number() OVER () AS _source_row FROM src")
+    con.execute("CREATE OR REPLACE TEMP VIEW src_located AS SELECT *, row_number() OVER () AS _source_row FROM src")
     scope = where or "WHERE true"
     problems, any_bad = [], " OR ".join(f"({c})" for _, c in checks.values())
     for label, (shown, cond) in checks.items():
@@ -179,7 +180,7 @@ def _check_source(con: duckdb.DuckDBPyConnection, mapping: ColumnMapping, user: 
         raise EventLogError("import: invalid rows.\n  " + "\n  ".join(problems)
                             + "\nFix the source, or pass --quarantine FILE to move the bad rows aside.")
     Path(quarantine).parent.mkdir(parents=True, exist_ok=True)
-    con.execute(f"COPY (SELECT * FROM src_located {scope} AND ({any_bad})) TO {_quote(str(quarantine))} (FORMAT parquet)")
+    con.execute(f"COPY (SELECT * FROM src_located {scope} AND ({any_bad})) TO {sql_quote(str(quarantine))} (FORMAT parquet)")
     n_bad = con.execute(f"SELECT count(*) FROM src_located {scope} AND ({any_bad})").fetchall()[0][0]
     log.warning("import: %d source row(s) moved to %s:\n  %s", n_bad, quarantine, "\n  ".join(problems))
     return any_bad, int(n_bad)

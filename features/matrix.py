@@ -20,10 +20,10 @@ from datetime import datetime, timedelta
 import numpy as np
 import pandas as pd
 
+from configs import Config
 from features.attribution import attributed_sends_sql, slot_expr
 from features.events import EventLog
 from features.families import scalar_features, sql_ts
-from configs import Config
 
 __all__ = [
     "SLOT_FAMILIES",

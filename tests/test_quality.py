@@ -8,8 +8,8 @@ import pytest
 
 from features.events import from_frames
 from features.matrix import build_matrix
-from serving.models import load_champions
 from serving.core import slot_probabilities
+from serving.models import load_champions
 from simulator.judge import evaluate_against_truth
 
 pytestmark = pytest.mark.integration

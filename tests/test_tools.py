@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import optuna
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
@@ -87,8 +86,8 @@ def test_import_keeps_time_offsets_brackets_filters_and_rejects_non_numbers(tmp_
 
 @pytest.mark.skipif(not RETAIL.exists(), reason="shared/data/online_retail is not on this machine")
 def test_online_retail_imports_and_trains_churn(tmp_path, monkeypatch):
-    from features.events import open_log
     from configs import load_config
+    from features.events import open_log
     from training.pipeline import train_task
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlruns/mlflow.db")

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from training.datasets import build_dataset, churn_snapshots, open_snapshots
+from training.datasets import build_dataset, churn_snapshots
 from training.registry import PromotionRefused, promote_champion, rollback_champion
 
 pytestmark = pytest.mark.integration
@@ -69,8 +69,8 @@ def test_promote_picks_best_and_gate_and_rollback(trained):
 
 def test_open_task_refused_on_purchase_only_logs(cfg):
     from features.events import from_frames
-    from training.datasets import TaskNotTrainable
     from tests.conftest import make_events
+    from training.datasets import TaskNotTrainable
 
     log = from_frames(make_events([("a", "2026-01-01", "purchase"), ("b", "2026-02-01", "purchase")]))
     with pytest.raises(TaskNotTrainable, match="needs send and open"):

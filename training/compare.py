@@ -12,18 +12,30 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
-from features.events import EventLog
-from features.matrix import build_matrix
 from configs import Config, resolve_as_of
-from serving.predictor import alias_version, load_registered_model
+from features.events import EventLog
+from features.matrix import UserMatrix, build_matrix
 from serving.core import slot_probabilities
-from training import plots
+from serving.predictor import LoadedModel, alias_version, load_registered_model
 from simulator.judge import expected_log_loss, slot_capture
+from training import plots
 from training.metrics import binary_metrics
 from training.registry import list_versions, load_holdout
 from training.tracking import configure_tracking
 
-__all__ = ["compare_versions"]
+__all__ = ["compare_versions", "truth_matrix", "version_slot_probabilities"]
+
+
+def truth_matrix(log: EventLog, cfg: Config, user_ids: pd.Series) -> UserMatrix:
+    """The features of the truth's users as of the log's end (the truth's snapshot)."""
+    matrix, _ = build_matrix(log, resolve_as_of(None, log.max_ts), cfg, user_ids=pd.Index(user_ids))
+    return matrix
+
+
+def version_slot_probabilities(model: LoadedModel, matrix: UserMatrix) -> np.ndarray:
+    """Every user's per-slot probabilities from one version, through the scoring core
+    (the numbers the nightly refresh and /recommend give with the same model)."""
+    return slot_probabilities(model, matrix, np.arange(len(matrix)))
 
 
 def compare_versions(cfg: Config, task: str, versions: list[str] | None = None,
@@ -46,7 +58,7 @@ def compare_versions(cfg: Config, task: str, versions: list[str] | None = None,
     champion = alias_version(client, name, cfg.tracking.champion_alias)
     matrix = p_true = None
     if truth is not None and log is not None and task == "open":
-        matrix, _ = build_matrix(log, resolve_as_of(None, log.max_ts), cfg, user_ids=pd.Index(truth["user_id"]))
+        matrix = truth_matrix(log, cfg, truth["user_id"])
         order = matrix.user_ids.get_indexer(truth["user_id"])
         p_true = np.vstack(truth["true_open_probs"].to_numpy())[np.argsort(order)] if (order >= 0).all() else None
     records, curves = [], {}
@@ -70,7 +82,7 @@ def compare_versions(cfg: Config, task: str, versions: list[str] | None = None,
             "size_kb": run.data.metrics.get("model_size_bytes", np.nan) / 1024,
         }
         if p_true is not None and matrix is not None:
-            q = slot_probabilities(model, matrix, np.arange(len(matrix)))
+            q = version_slot_probabilities(model, matrix)
             record["slot_capture"] = slot_capture(p_true, q.argmax(axis=1))
             record["exp_log_loss_vs_oracle"] = expected_log_loss(p_true, q) / expected_log_loss(p_true, p_true) - 1
         records.append(record)

@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from configs import Config, SendtimeError, Task, resolve_as_of
 from features.events import EventLog
 from features.matrix import build_matrix
 from features.rows import churn_rows, open_rows
-from configs import Config, SendtimeError, Task, resolve_as_of
 from training.labels import churn_labels, open_labels
 
 __all__ = ["Dataset", "Split", "build_dataset", "open_snapshots", "churn_snapshots", "TaskNotTrainable"]

@@ -12,9 +12,9 @@ from datetime import datetime, timedelta
 
 import pandas as pd
 
+from configs import Config
 from features.attribution import attributed_sends_sql
 from features.events import EventLog
-from configs import Config
 
 __all__ = ["open_labels", "churn_labels"]
 
