@@ -16,7 +16,7 @@ import httpx
 import pandas as pd
 import typer
 
-from configs import Config
+from configs import Config, Library, Task
 
 __all__ = ["run_demo", "free_port", "wait_ready", "start_server"]
 
@@ -78,11 +78,11 @@ def run_demo(cfg: Config, data_dir: Path, users: int | None, config: Path | None
     _step("1. simulate a behaviour log with known truth")
     _run(["simulate", "--out", str(data_dir)] + (["--users", str(users)] if users else []), config)
     _step("2. train open-time and churn models with LightGBM and XGBoost (MLflow runs + registry)")
-    for task in ("open", "churn"):
-        for model in ("lightgbm", "xgboost"):
+    for task in Task:
+        for model in Library:
             _run(["train", "--task", task, "--model", model, "--events", ev, "--users", us], config)
     _step("3. promote the best version of each task to @champion")
-    for task in ("open", "churn"):
+    for task in Task:
         _run(["promote", "--task", task], config)
     _step("4. nightly tag refresh with the champions")
     _run(["score", "--events", ev, "--users", us, "--out", tags], config)
