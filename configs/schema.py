@@ -31,6 +31,7 @@ __all__ = [
     "TuningConfig",
     "ServingConfig",
     "SimulateConfig",
+    "PlanConfig",
     "load_config",
     "DEFAULT_CONFIG_ENV",
 ]
@@ -169,6 +170,23 @@ class ServingConfig(_Frozen):
     churn_tiers: ChurnTiers
     # how often a running service looks for a newer refresh or a moved champion; 0: never
     reload_check_seconds: float = Field(default=30.0, ge=0)
+    # the bulk path takes this many ids a call, answered as a stream of JSON lines
+    max_bulk_user_ids: int = Field(default=20000, gt=0)
+    # a user id longer than this is refused (ids are opaque, often hashes)
+    max_user_id_chars: int = Field(default=128, gt=0)
+    # request bodies over this many bytes get 413 before they are read in full
+    max_body_bytes: int = Field(default=2_000_000, gt=0)
+    # requests answered at once; beyond it the service sheds load with 503 + Retry-After
+    max_concurrent_requests: int = Field(default=64, gt=0)
+    # the bearer token every endpoint but /livez and /readyz asks for; SENDTIME_API_TOKEN wins.
+    # Empty: no token (then `serve` binds only to loopback unless told otherwise)
+    api_token: str = ""
+    # server processes; each holds its own copy of the snapshot's scores
+    workers: int = Field(default=1, gt=0)
+
+    def resolved_token(self) -> str:
+        """``SENDTIME_API_TOKEN`` wins over the file, like MLFLOW_TRACKING_URI."""
+        return os.environ.get("SENDTIME_API_TOKEN") or self.api_token
 
 
 class SimulateConfig(_Frozen):
@@ -191,6 +209,10 @@ class SimulateConfig(_Frozen):
     purchase_per_session: float = Field(ge=0, le=1)
     click_per_open: float = Field(ge=0, le=1)
     unsubscribe_per_send: float = Field(ge=0, le=1)
+    # "house": the historical sender above (the default data); "logged": a sender that obeys
+    # the [plan] rules, explores uniformly over the allowed local hours with probability
+    # `exploration`, logs each send's `propensity` and writes send_truth.parquet
+    sender: Literal["house", "logged"] = "house"
 
     @field_validator("timezones")
     @classmethod
@@ -207,6 +229,45 @@ class SimulateConfig(_Frozen):
         return value
 
 
+class PlanConfig(_Frozen):
+    """The campaign rules of ``sendtime plan`` and POST /plan (contract: "Send plan")."""
+
+    # no sends in [quiet_start_hour, quiet_end_hour) of the user's local day (wraps midnight)
+    quiet_start_hour: int = Field(ge=0, le=23)
+    quiet_end_hour: int = Field(ge=0, le=23)
+    max_sends_per_local_day: int = Field(ge=1)
+    new_user_days: float = Field(ge=0)
+    new_user_max_sends: int = Field(ge=1)
+    after_new_user_max_per_local_day: int = Field(ge=1)
+    silence_after_unopened: int = Field(ge=1)
+    silence_hours: float = Field(ge=0)
+    degrade_after_unopened: int = Field(ge=1)
+    degraded_max_sends: int = Field(ge=1)
+    degraded_days: float = Field(gt=0)
+    quota_channels: tuple[str, ...]
+    quota_per_month: int = Field(ge=0)
+    quota_per_day: int = Field(ge=0)
+    rules_count_all_channels: bool
+    default_channel: str
+    default_window_hours: int = Field(gt=0)
+    explore: float = Field(ge=0, le=1)
+    min_open_prob: float = Field(ge=0, lt=1)
+    capacity_per_hour: int = Field(ge=0)
+    streak_lookback_days: int = Field(gt=0)
+    max_user_ids: int = Field(gt=0)
+    solver_exact_max_vars: int = Field(ge=0)
+    solver_gap_tolerance: float = Field(ge=0)
+    log_to_mlflow: bool
+    ope_min_propensity: float = Field(gt=0, lt=1)
+    ope_min_effective_sends: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _rules_agree(self) -> "PlanConfig":
+        if self.degrade_after_unopened < self.silence_after_unopened:
+            raise ValueError("plan: degrade_after_unopened must not be below silence_after_unopened")
+        return self
+
+
 class Config(_Frozen):
     slots: SlotConfig
     labels: LabelConfig
@@ -217,6 +278,7 @@ class Config(_Frozen):
     tuning: TuningConfig
     serving: ServingConfig
     simulate: SimulateConfig
+    plan: PlanConfig
 
     def with_overrides(self, **sections: dict[str, Any]) -> "Config":
         """A copy with some fields of some sections replaced, validated again."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from configs import Config, atomic_path
+from simulator.sender import RuleState, allowed_hours, choose_hours
 
 __all__ = ["ARCHETYPES", "GENERIC_SESSION_SHAPE", "RHYTHM_FLOOR", "SEGMENT_OPENS", "SEGMENT_SHARE",
            "SimulationSummary", "rhythms", "simulate", "von_mises"]
@@ -55,6 +56,8 @@ _REGION = {"Asia/Shanghai": "cn", "Europe/London": "uk", "America/New_York": "us
 _DEVICES = np.array(["ios", "android", "web"])
 _AGES = np.array(["18-24", "25-34", "35-44", "45+"])
 _CHUNK = 25_000
+_CHANNELS = np.array(["push", "wechat", "email"], dtype=object)
+_CHANNEL_SHARES = [0.7, 0.2, 0.1]
 RHYTHM_FLOOR = 0.12
 
 
@@ -139,6 +142,12 @@ class _Chunk:
         self.unsubscribed_at = np.full(n, np.inf)
         self.prev_sends = np.full((n, 2), -np.inf)     # last two send times, in days
         self.cols: dict[str, list] = {k: [] for k in ("user", "t", "event", "msg", "channel", "value")}
+        # the logged sender (opt-in) adds a propensity column and every send's counterfactual truth
+        self.logged = sim.sender == "logged"
+        if self.logged:
+            self.cols["propensity"] = []
+            self.rules = RuleState(n, cfg)
+            self.send_truth: dict[str, list] = {"msg": [], "user": [], "t": [], "cf": []}
         self.msg_counter = 0
         self.msg_prefix = f"m{first_user // _CHUNK:04d}-"
 
@@ -146,10 +155,13 @@ class _Chunk:
         e = np.exp(-np.maximum(t_days - self.fade_start[users], 0.0) / self.fade_tau[users])
         return np.where(e < 0.03, 0.0, e)
 
-    def _emit(self, users: np.ndarray, t: np.ndarray, event: str, msg=None, channel=None, value=None) -> None:
+    def _emit(self, users: np.ndarray, t: np.ndarray, event: str, msg=None, channel=None, value=None,
+              propensity=None) -> None:
         if not len(users):
             return
         c = self.cols
+        if self.logged:
+            c["propensity"].append(propensity if propensity is not None else np.full(len(users), np.nan))
         c["user"].append(users)
         c["t"].append(t)
         c["event"].append(np.full(len(users), event, dtype=object))
@@ -178,20 +190,23 @@ class _Chunk:
             started = alive & (self.first_day <= d)
             # ---- sends: house hours of the sender's zone, sometimes a random hour
             can = started & (self.unsubscribed_at > d)
-            for extra in (0, 1):
-                rate = self.send_rate * (1.0 if extra == 0 else 0.08)
-                users = np.flatnonzero(can & (rng.random(n) < rate))
-                if not len(users):
-                    continue
-                explore = rng.random(len(users)) < sim.exploration
-                hour = np.where(explore, rng.integers(0, 24, len(users)),
-                                rng.choice(house, len(users)))
-                minute = rng.random(len(users)) * 60
-                t = d + (hour + minute / 60) / 24 - self.offsets[self.sender_zone, d] / 1440.0
-                t = np.clip(t, 0, None)
-                order = np.argsort(t, kind="stable")
-                users, t = users[order], t[order]
-                self._send_and_respond(users, t, fatigue)
+            if self.logged:
+                self._logged_sends(d, can, fatigue)
+            else:
+                for extra in (0, 1):
+                    rate = self.send_rate * (1.0 if extra == 0 else 0.08)
+                    users = np.flatnonzero(can & (rng.random(n) < rate))
+                    if not len(users):
+                        continue
+                    explore = rng.random(len(users)) < sim.exploration
+                    hour = np.where(explore, rng.integers(0, 24, len(users)),
+                                    rng.choice(house, len(users)))
+                    minute = rng.random(len(users)) * 60
+                    t = d + (hour + minute / 60) / 24 - self.offsets[self.sender_zone, d] / 1440.0
+                    t = np.clip(t, 0, None)
+                    order = np.argsort(t, kind="stable")
+                    users, t = users[order], t[order]
+                    self._send_and_respond(users, t, fatigue)
             # ---- sessions in local time, partly from the user's rhythm
             e = self.engagement(np.full(n, d + 0.5), np.arange(n))
             lam = self.activity * e * started
@@ -214,11 +229,66 @@ class _Chunk:
                     self._emit(users[buy], t[buy] + rng.uniform(2, 30, buy.sum()) / 1440, "purchase",
                                value=np.round(rng.lognormal(3.1, 0.8, buy.sum()), 2))
 
-    def _send_and_respond(self, users: np.ndarray, t: np.ndarray, fatigue: float) -> None:
+    def _logged_sends(self, d: int, can: np.ndarray, fatigue: float) -> None:
+        """One local day of the rule-obeying sender that logs propensities (module
+        :mod:`simulator.sender`); local day ``d`` is the calendar date start + d everywhere."""
+        sim, rng, n = self.cfg.simulate, self.rng, self.n
+        date = self.start + pd.Timedelta(days=d)
+        self.rules.new_day(date.year * 12 + date.month)
+        house_minutes = np.array(sim.house_hours, dtype=np.int64) * 60
+        for extra in (0, 1):
+            rate = self.send_rate * (1.0 if extra == 0 else 0.08)
+            users = np.flatnonzero(can & (rng.random(n) < rate))
+            if not len(users):
+                continue
+            channel = rng.choice(_CHANNELS, len(users), p=_CHANNEL_SHARES)
+            quota = np.isin(channel, self.cfg.plan.quota_channels)
+            off = self.offsets[self.zone[users], d]
+            slot_start = d + np.arange(24)[None, :] / 24.0 - off[:, None] / 1440.0
+            allowed = allowed_hours(self.rules, users, slot_start, self.signup, quota, self.cfg)
+            keep = allowed.any(axis=1)
+            if not keep.any():
+                continue
+            users, channel, quota, off = users[keep], channel[keep], quota[keep], off[keep]
+            slot_start, allowed = slot_start[keep], allowed[keep]
+            m = len(users)
+            # the house hours of the sender's zone, as hours of each user's local day
+            sender_off = self.offsets[self.sender_zone, d]
+            house_local = ((house_minutes[None, :] + off[:, None] - sender_off) % 1440) // 60
+            house = np.zeros_like(allowed)
+            house[np.arange(m)[:, None], house_local] = True
+            hour, propensity = choose_hours(rng, allowed, house, sim.exploration)
+            t_all = slot_start + rng.random(m)[:, None] / 24.0   # a random minute of each hour
+            t = t_all[np.arange(m), hour]
+            counterfactual = self._counterfactual(users, t_all, fatigue)
+            order = np.argsort(t, kind="stable")
+            users, t, channel, quota = users[order], t[order], channel[order], quota[order]
+            propensity, counterfactual = propensity[order], counterfactual[order]
+            opened = self._send_and_respond(users, t, fatigue, channel=channel, propensity=propensity,
+                                            counterfactual=counterfactual)
+            self.rules.record(users, t, opened, quota, self.signup)
+
+    def _counterfactual(self, users: np.ndarray, t_all: np.ndarray, fatigue: float) -> np.ndarray:
+        """(users, 24) the true open probability of each send had it gone at each local hour
+        of its day instead (same minute, same earlier sends): what _send_and_respond draws."""
+        m = len(users)
+        u = np.repeat(users, 24)
+        tt = t_all.ravel()
+        hour, weekend = self._local(u, tt)
+        h = np.floor(hour).astype(int) % 24
+        recent = ((t_all[:, :, None] - self.prev_sends[users][:, None, :]) < 1.0).sum(axis=2).ravel()
+        p = self.base[u] * self.rhythm[u, weekend.astype(int), h] * self.engagement(tt, u) * fatigue ** recent
+        return np.clip(p, 0, 0.95).reshape(m, 24)
+
+    def _send_and_respond(self, users: np.ndarray, t: np.ndarray, fatigue: float, channel=None,
+                          propensity=None, counterfactual=None) -> np.ndarray:
+        """Emit the sends and the answers; returns which sends were opened."""
         sim, rng = self.cfg.simulate, self.rng
         # a user can get two sends in a day: handle them one at a time so fatigue sees both
         first = np.ones(len(users), dtype=bool)
         first[1:] = users[1:] != users[:-1]
+        opened_all = np.zeros(len(users), dtype=bool)
+        given_channel = channel
         for part in (first, ~first):
             if not part.any():
                 continue
@@ -227,12 +297,20 @@ class _Chunk:
             self.prev_sends[u, 1] = self.prev_sends[u, 0]
             self.prev_sends[u, 0] = tt
             msg = self._message_ids(len(u))
-            channel = rng.choice(np.array(["push", "wechat", "email"], dtype=object), len(u), p=[0.7, 0.2, 0.1])
-            self._emit(u, tt, "send", msg=msg, channel=channel)
+            if given_channel is None:
+                channel = rng.choice(_CHANNELS, len(u), p=_CHANNEL_SHARES)
+            else:
+                channel = given_channel[part]
+            self._emit(u, tt, "send", msg=msg, channel=channel,
+                       propensity=None if propensity is None else propensity[part])
+            if counterfactual is not None:
+                for key, values in (("msg", msg), ("user", u), ("t", tt), ("cf", counterfactual[part])):
+                    self.send_truth[key].append(values)
             hour, weekend = self._local(u, tt)
             h = np.floor(hour).astype(int) % 24
             p = self.base[u] * self.rhythm[u, weekend.astype(int), h] * self.engagement(tt, u) * fatigue ** recent
             opened = rng.random(len(u)) < np.clip(p, 0, 0.95)
+            opened_all[part] = opened
             if opened.any():
                 delay = np.minimum(rng.exponential(40.0, opened.sum()), 23.5 * 60) / 1440
                 t_open = tt[opened] + delay + 1e-5
@@ -250,6 +328,7 @@ class _Chunk:
             if quits.any():
                 self.unsubscribed_at[u[quits]] = tt[quits]
                 self._emit(u[quits], tt[quits] + 1e-4, "unsubscribe")
+        return opened_all
 
     # ---------------------------------------------------------------- outputs
 
@@ -272,14 +351,18 @@ class _Chunk:
         keep = t <= snapshot_day
         order = np.lexsort((ts_us[keep], user[keep]))
         idx = np.flatnonzero(keep)[order]
-        events = pa.table({
+        columns = {
             "user_id": pa.array(self.user_ids[user[idx]], pa.string()),
             "ts": pa.array(ts_us[idx], pa.timestamp("us", tz="UTC")),
             "event": pa.array(event[idx].astype(str), pa.string()),
             "message_id": pa.array(msg[idx], pa.string()),
             "channel": pa.array(channel[idx], pa.string()),
             "value": pa.array(value[idx], pa.float64(), from_pandas=True),
-        })
+        }
+        if self.logged:
+            propensity = np.concatenate(c["propensity"]) if c["propensity"] else np.zeros(0)
+            columns["propensity"] = pa.array(propensity[idx], pa.float64(), from_pandas=True)
+        events = pa.table(columns)
         users = pd.DataFrame({
             "user_id": self.user_ids,
             "signup_ts": pd.to_datetime(self.start.value // 1000 + np.round(self.signup * 86400e6).astype(np.int64),
@@ -291,6 +374,21 @@ class _Chunk:
             "segment": _SEGMENTS[self.segment],
         })
         return events, users, truth
+
+    def send_truth_table(self, snapshot_day: float) -> pa.Table:
+        """Every logged send's true open probability at each local hour of its day."""
+        st = self.send_truth
+        t = np.concatenate(st["t"]) if st["t"] else np.zeros(0)
+        keep = t <= snapshot_day
+        cf = np.concatenate(st["cf"])[keep] if st["cf"] else np.zeros((0, 24))
+        user = np.concatenate(st["user"])[keep] if st["user"] else np.zeros(0, int)
+        ts_us = (self.start.value // 1000 + np.round(t[keep] * 86400e6)).astype(np.int64)
+        return pa.table({
+            "message_id": pa.array(np.concatenate(st["msg"])[keep] if st["msg"] else [], pa.string()),
+            "user_id": pa.array(self.user_ids[user], pa.string()),
+            "ts": pa.array(ts_us, pa.timestamp("us", tz="UTC")),
+            "true_open_probs": pa.array(list(cf.astype(np.float32)), pa.list_(pa.float32())),
+        })
 
     def _truth(self, user: np.ndarray, t: np.ndarray, engagement: np.ndarray, snapshot: float) -> pd.DataFrame:
         cfg = self.cfg
@@ -339,8 +437,15 @@ class _Chunk:
 
 
 def simulate(cfg: Config, out_dir: Path, *, users: int | None = None, days: int | None = None,
-             seed: int | None = None, progress: bool = True) -> SimulationSummary:
-    """Write events.parquet, users.parquet, truth.parquet and snapshot.txt into ``out_dir``."""
+             seed: int | None = None, progress: bool = True,
+             sender: str | None = None) -> SimulationSummary:
+    """Write events.parquet, users.parquet, truth.parquet and snapshot.txt into ``out_dir``.
+
+    ``sender="logged"`` (or ``simulate.sender``) uses the rule-obeying sender that logs
+    propensities, and also writes send_truth.parquet (see :mod:`simulator.sender`).
+    """
+    if sender is not None:
+        cfg = cfg.with_overrides(simulate={"sender": sender})
     sim = cfg.simulate
     n_users = users or sim.users
     n_days = days or sim.days
@@ -358,7 +463,8 @@ def simulate(cfg: Config, out_dir: Path, *, users: int | None = None, days: int 
     offsets = _offsets_minutes(zones, start, total_days)
     n_chunks = (n_users + _CHUNK - 1) // _CHUNK
     seeds = np.random.SeedSequence(seed).spawn(n_chunks)
-    paths = {name: out_dir / f"{name}.parquet" for name in ("events", "users", "truth")}
+    names = ("events", "users", "truth") + (("send_truth",) if sim.sender == "logged" else ())
+    paths = {name: out_dir / f"{name}.parquet" for name in names}
     writers: dict[str, pq.ParquetWriter] = {}
     n_events = 0
     # the three tables appear together or not at all (a crash leaves the old ones)
@@ -374,6 +480,8 @@ def simulate(cfg: Config, out_dir: Path, *, users: int | None = None, days: int 
                 tables = {"events": events,
                           "users": pa.Table.from_pandas(users_frame, preserve_index=False),
                           "truth": pa.Table.from_pandas(truth, preserve_index=False)}
+                if chunk.logged:
+                    tables["send_truth"] = chunk.send_truth_table(float(n_days))
                 for name, table in tables.items():
                     if name not in writers:
                         writers[name] = pq.ParquetWriter(tmp[name], table.schema)

@@ -18,8 +18,7 @@ import pandas as pd
 from configs import Config
 from features.events import EventLog
 from features.matrix import slot_counts
-from simulator.generate import (ARCHETYPES, GENERIC_SESSION_SHAPE, RHYTHM_FLOOR, SEGMENT_OPENS,
-                                SEGMENT_SHARE, rhythms, von_mises)
+from simulator.generate import ARCHETYPES, GENERIC_SESSION_SHAPE, RHYTHM_FLOOR, SEGMENT_OPENS, SEGMENT_SHARE, rhythms, von_mises
 
 __all__ = ["archetype_shapes", "bayes_posterior", "counts_by_day_type", "structural_em"]
 
