@@ -245,19 +245,32 @@ def score(
     as_of: Optional[str] = AsOfOpt,
     out: Path = typer.Option(..., "--out", "-o", help="Tag table to write (Parquet)."),
     quarantine: Optional[Path] = QuarantineOpt,
+    make_current: bool = typer.Option(
+        False, "--make-current",
+        help="Serve this refresh even when its --as-of is older than the current refresh's. Without it such a "
+             "backfill is published beside the current refresh (and written to --out) but not served."),
 ) -> None:
-    """Nightly tag refresh: champion models, features as of T, tags + tag store + feature snapshot, atomically."""
+    """Nightly tag refresh: champion models, features as of T, tags + tag store + feature snapshot, atomically.
+
+    One refresh at a time: a second `score` on the same serving folder fails at once."""
     from serving.models import load_champions
     from serving.refresh import refresh_tags
+    from serving.tagstore import refresh_lock
 
     cfg = _cfg()
-    champions = load_champions(cfg)
-    lg = _open(events, users, cfg, quarantine)
-    result = refresh_tags(lg, cfg, champions, out, _as_of(as_of), progress=not STATE.quiet)
+    # the lock first, so a second run fails before loading anything
+    with refresh_lock(Path(cfg.serving.serving_dir)) as lock:
+        champions = load_champions(cfg)
+        lg = _open(events, users, cfg, quarantine)
+        result = refresh_tags(lg, cfg, champions, out, _as_of(as_of), progress=not STATE.quiet,
+                              make_current=make_current, lock=lock)
     for task, why in result.missing.items():
         typer.echo(f"warning: no {task} champion; its tag columns are empty ({why})", err=True)
     typer.echo(f"scored {result.n_users} users ({result.n_cold_start} cold start) with {result.versions} -> "
-               f"{out}; tag store {result.refresh.store}")
+               f"{out}; tag store {result.refresh.store}{'' if result.became_current else ' (not current)'}")
+    note = result.backfill_note()
+    if note:
+        typer.echo(note if result.became_current else f"warning: {note}", err=not result.became_current)
 
 
 @app.command()
@@ -308,19 +321,37 @@ def serve(
     port: Optional[int] = typer.Option(None, "--port", "-p", help="Port (default serving.port)."),
     host: Optional[str] = typer.Option(None, "--host", help="Address to bind (default serving.host, loopback)."),
     serving_dir: Optional[Path] = typer.Option(None, "--serving-dir", help="Where `score` published (default serving.serving_dir)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Server processes (default serving.workers); each holds the snapshot's scores."),
+    insecure_no_token: bool = typer.Option(False, "--insecure-no-token", help="Bind beyond loopback without a bearer token (anyone who reaches the port reads every user's scores)."),
 ) -> None:
-    """Start the BentoML prediction service (POST /recommend, /models, /readyz, OpenAPI at /docs)."""
+    """Start the BentoML prediction service (POST /recommend, /recommend/bulk, /models; /readyz, /livez; OpenAPI at /docs).
+
+    With SENDTIME_API_TOKEN (or serving.api_token) set, every endpoint but /livez and /readyz
+    needs `Authorization: Bearer <token>`. Without one, the service binds only to loopback
+    unless --insecure-no-token.
+    """
+    import ipaddress
+
     from serving.tagstore import current_refresh
 
     cfg = _cfg()
     folder = serving_dir or Path(cfg.serving.serving_dir)
     if current_refresh(folder) is None:
         raise FileNotFoundError(f"no feature snapshot under {folder}: run `sendtime score` first")
+    bind = host or cfg.serving.host
+    try:
+        loopback = bind == "localhost" or ipaddress.ip_address(bind).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not cfg.serving.resolved_token() and not insecure_no_token:
+        raise ValueError(f"--host {bind}: refusing to serve every user's scores beyond loopback without a token; "
+                         "set SENDTIME_API_TOKEN (or serving.api_token), or pass --insecure-no-token")
     env = dict(os.environ, SENDTIME_SERVING_DIR=str(folder.resolve()))
     if STATE.config_path:
         env["SENDTIME_CONFIG"] = str(Path(STATE.config_path).resolve())
     argv = [sys.executable, "-m", "bentoml", "serve", "serving.service:Sendtime",
-            "--host", host or cfg.serving.host, "--port", str(port or cfg.serving.port)]
+            "--host", bind, "--port", str(port or cfg.serving.port)]
+    env["SENDTIME_WORKERS"] = str(workers or cfg.serving.workers)
     os.execve(sys.executable, argv, env)
 
 
@@ -328,7 +359,8 @@ def serve(
 @_job
 def tags(
     sql: str = typer.Argument("SELECT churn_tier, count(*) AS users, avg(churn_prob) AS mean_churn_prob FROM tags GROUP BY 1 ORDER BY 1",
-                              help="Read-only SQL over the tag store (tables: tags, priors, manifest)."),
+                              help="Read-only SQL over the tag store (tables: tags, priors, manifest); "
+                                   "it cannot read or write files (COPY, read_csv, ATTACH, INSTALL fail)."),
     serving_dir: Optional[Path] = typer.Option(None, "--serving-dir", help="Default serving.serving_dir."),
 ) -> None:
     """Query the current tag store, e.g. audiences: SELECT user_id FROM tags WHERE churn_tier = 'high'."""
@@ -428,6 +460,15 @@ def demo(
     from sendtime.demo import run_demo
 
     run_demo(_cfg(), data_dir, users, STATE.config_path)
+
+
+def _register_plan_commands() -> None:
+    from sendtime import plan_commands
+
+    plan_commands.register(app)
+
+
+_register_plan_commands()
 
 
 if __name__ == "__main__":

@@ -178,12 +178,14 @@ class ScoringCore:
 
     def score(self, positions: np.ndarray, priors: PriorTable, cutoffs: dict[str, float] | None = None,
               zones: Sequence[str | None] | None = None, progress: bool = False,
-              model: tuple[np.ndarray | None, np.ndarray | None] | None = None) -> Scores:
+              model: tuple[np.ndarray | None, np.ndarray | None] | None = None,
+              attributes: Sequence[dict | None] | None = None) -> Scores:
         """Numbers for snapshot ``positions`` (-1: a user the snapshot does not know).
 
         Users with history get the champions' numbers (``model`` when already computed
         for exactly these positions); the others get the prior of their time zone and
-        attributes (``zones`` gives an unknown user's zone; default: the configured one).
+        attributes (``zones``/``attributes`` give an unknown user's; default: the configured
+        zone).
         ``cutoffs``: the churn tiers' (default: computed from these users' numbers).
         """
         positions = np.asarray(positions, dtype=np.int64)
@@ -211,7 +213,7 @@ class ScoringCore:
                 churn[scored] = m_churn
         cold = ~history
         if cold.any():
-            self._fill_priors(slot, churn, np.flatnonzero(cold), positions, priors, zones)
+            self._fill_priors(slot, churn, np.flatnonzero(cold), positions, priors, zones, attributes)
         cutoffs = cutoffs or tier_cutoffs(churn if self.champions.churn else None, self.cfg)
         best = np.full(n, -1, dtype=np.int64)
         if slot is not None:
@@ -221,15 +223,19 @@ class ScoringCore:
                       unreachable=gone, cold_start=cold, best_slot=best, cutoffs=cutoffs)
 
     def _fill_priors(self, slot: np.ndarray | None, churn: np.ndarray, rows: np.ndarray,
-                     positions: np.ndarray, priors: PriorTable, zones: Sequence[str | None] | None) -> None:
+                     positions: np.ndarray, priors: PriorTable, zones: Sequence[str | None] | None,
+                     attributes: Sequence[dict | None] | None) -> None:
         default = self.cfg.slots.default_timezone
         for i in rows:
             p = positions[i]
             if p >= 0:
                 full, tz = self.full_keys[p], self.tz_keys[p]
             else:
-                zone = (zones[i] if zones is not None else None) or default
-                full, tz = zone, zone
+                tz = (zones[i] if zones is not None else None) or default
+                given = (attributes[i] if attributes is not None else None) or {}
+                # the same key the snapshot's users have: zone, then each attribute in order
+                full = tz + "".join(f"|{a}={given.get(a) if given.get(a) is not None else '?'}"
+                                    for a in self.matrix.attributes if a != "timezone")
             prior = priors.find(full, tz)
             if prior is None:
                 continue

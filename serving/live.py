@@ -14,6 +14,8 @@ import logging
 import threading
 from pathlib import Path
 
+import numpy as np
+
 from configs import Config, Task
 from serving.predictor import alias_version
 from serving.recommend import Recommender
@@ -91,7 +93,11 @@ class LiveRecommender:
 
 
 def _smoke_test(recommender: Recommender) -> None:
-    """Answer one user with history and one unknown before serving: a champion that cannot
-    score this snapshot (a feature it lacks) fails here, not on every request."""
-    warm = recommender.matrix.user_ids[recommender.has_history][:1].tolist()
-    recommender.recommend([str(u) for u in warm] + ["sendtime-smoke-test-unknown-user"], None, 24)
+    """Score one user with history with the models themselves and answer one unknown before
+    serving: a champion that cannot score this snapshot (a feature it lacks) fails here,
+    not on every request or at the next champion move."""
+    warm = np.flatnonzero(recommender.has_history)[:1]
+    if len(warm):
+        recommender.core.model_scores(warm)
+    recommender.recommend([str(u) for u in recommender.matrix.user_ids[warm]] + ["sendtime-smoke-test-unknown-user"],
+                          None, 24)

@@ -3,7 +3,10 @@ scoring core (:mod:`serving.core`), write the tags, the tag store, the feature s
 the cold-start priors into a new refresh folder, and publish it atomically.
 
 Everything is written under a temporary folder first; only a complete refresh replaces
-the current one, so a failure leaves the previous tags serving.
+the current one, so a failure leaves the previous tags serving. The whole job holds the
+serving folder's refresh lock (:func:`serving.tagstore.refresh_lock`), so a second run
+fails at once instead of breaking this one; and a refresh as of a time older than the
+current one's (a backfill) is published beside it, not served, unless ``make_current``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,16 @@ from features.matrix import build_matrix
 from features.snapshot import write_snapshot
 from serving.core import PriorTable, ScoringCore, cold_start_priors
 from serving.models import Champions
-from serving.tagstore import RefreshPaths, new_refresh_dir, publish_refresh, write_store
+from serving.plan_rules import PLAN_SENDS_FILE, PLAN_USERS_FILE, load_history
+from serving.tagstore import (
+    Publication,
+    RefreshLock,
+    RefreshPaths,
+    new_refresh_dir,
+    publish_refresh,
+    refresh_lock,
+    write_store,
+)
 
 __all__ = ["TAG_COLUMNS", "RefreshResult", "refresh_tags", "tags_frame"]
 
@@ -54,6 +66,35 @@ class RefreshResult:
     n_cold_start: int
     versions: dict[str, str | None]
     missing: dict[str, str]
+    publication: Publication
+
+    @property
+    def became_current(self) -> bool:
+        return self.publication.became_current
+
+    @property
+    def backfill(self) -> bool:
+        """Its as-of time is older than that of the refresh serving before it."""
+        return self.publication.backfill
+
+    def backfill_note(self) -> str | None:
+        """What a backfill did, in words: None for an ordinary refresh."""
+        pub = self.publication
+        if not pub.backfill:
+            return None
+        used = ", ".join(f"{task} v{v}" if v else f"{task}: none" for task, v in self.versions.items())
+        if pub.became_current:
+            return (f"backfill made current: refresh {pub.paths.refresh_id} (as of {pub.as_of}) now serves in place "
+                    f"of one as of {pub.current_as_of}; champion versions used: {used}")
+        try:
+            serving_versions = pub.current.read_manifest().get("model_versions") or {}
+        except (OSError, ValueError):
+            serving_versions = {}
+        serving = ", ".join(f"{task} v{v}" for task, v in serving_versions.items() if v)
+        return (f"backfill: as of {pub.as_of}, older than the current refresh {pub.current.refresh_id} "
+                f"(as of {pub.current_as_of}{f', models {serving}' if serving else ''}), which stays current; "
+                f"published as {pub.paths.root} without serving it; champion versions used: {used}. "
+                "Pass --make-current to serve it instead")
 
 
 def tags_frame(user_ids: pd.Index, scores, versions: dict[str, str | None], scored_at: datetime,
@@ -104,8 +145,25 @@ def _score_everyone(core: ScoringCore, cfg: Config, progress: bool):
 
 
 def refresh_tags(log_: EventLog, cfg: Config, champions: Champions, out: Path | None,
-                 as_of: datetime | None = None, progress: bool = True) -> RefreshResult:
-    """The nightly job: features as of T, scores, tags, priors; published atomically."""
+                 as_of: datetime | None = None, progress: bool = True, *, make_current: bool = False,
+                 lock: RefreshLock | None = None) -> RefreshResult:
+    """The nightly job: features as of T, scores, tags, priors; published atomically.
+
+    Holds the serving folder's refresh lock throughout (``lock``, when the caller took it
+    already; else taken here, failing at once with :class:`serving.tagstore.RefreshBusyError`
+    while another refresh runs). A refresh as of a time older than the current one's is
+    published but stays out of service unless ``make_current``; ``out`` is written either way.
+    """
+    serving_dir = Path(cfg.serving.serving_dir)
+    if lock is not None:
+        lock.require(serving_dir)
+    with nullcontext(lock) if lock is not None else refresh_lock(serving_dir) as held:
+        return _refresh_locked(log_, cfg, champions, out, as_of, progress, make_current, held)
+
+
+def _refresh_locked(log_: EventLog, cfg: Config, champions: Champions, out: Path | None,
+                    as_of: datetime | None, progress: bool, make_current: bool,
+                    lock: RefreshLock) -> RefreshResult:
     as_of = resolve_as_of(as_of, log_.max_ts)
     serving_dir = Path(cfg.serving.serving_dir)
     building, refresh_id = new_refresh_dir(serving_dir)
@@ -127,15 +185,24 @@ def refresh_tags(log_: EventLog, cfg: Config, champions: Champions, out: Path | 
             churn_tier_cutoffs=scores.cutoffs, missing_tasks=champions.missing,
             events=log_.sources.get("events", ""))
         write_store(building, priors, manifest)
+        # what the campaign rules need of each user, as of T, for POST /plan (the service
+        # never reads the log): streaks, first seen, and the recent sends
+        history = load_history(log_, as_of, cfg.serving.max_window_hours, cfg)
+        history.users.to_parquet(building.root / PLAN_USERS_FILE, index=False)
+        history.sends.to_parquet(building.root / PLAN_SENDS_FILE, index=False)
         with atomic_path(out) if out is not None else nullcontext() as staged:
             if staged is not None:
                 pq.write_table(table, staged)
             # only a published refresh replaces --out, so the two never disagree after a failure
-            published = publish_refresh(serving_dir, building, refresh_id, cfg.serving.keep_refreshes)
+            publication = publish_refresh(serving_dir, building, refresh_id, cfg.serving.keep_refreshes,
+                                          lock=lock, make_current=make_current)
     except BaseException:
         shutil.rmtree(building.root, ignore_errors=True)
         raise
+    if publication.backfill and not publication.became_current:
+        log.info("backfill as of %s kept out of service: the current refresh %s is as of %s",
+                    publication.as_of, publication.current.refresh_id, publication.current_as_of)
+    published = publication.paths
     return RefreshResult(tags_path=Path(out) if out else published.tags, refresh=published,
                          n_users=len(tags), n_cold_start=int(tags["cold_start"].sum()),
-                         versions=champions.versions(), missing=champions.missing)
-
+                         versions=champions.versions(), missing=champions.missing, publication=publication)

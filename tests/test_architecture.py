@@ -104,7 +104,9 @@ def test_refresh_recommend_and_compare_give_the_same_numbers(trained):
     for i, user in enumerate(matrix.user_ids):
         in_tags = np.asarray(tags.loc[user, "slot_open_probs"], dtype=np.float32)
         np.testing.assert_array_equal(from_compare[i].astype(np.float32), in_tags, err_msg=user)
-        assert answers[user]["slot_open_probs"] == [round(float(p), 6) for p in from_compare[i]]
+        # the service answers the tags' float32 numbers, rounded to 6 decimals
+        expected = np.round(from_compare[i].astype(np.float32).astype(np.float64), 6).tolist()
+        assert answers[user]["slot_open_probs"] == expected
     for user in warm + gone + cold:
         a, t = answers[user], tags.loc[user]
         assert a["cold_start"] == t["cold_start"] and a["unsubscribed"] == t["unsubscribed"]
