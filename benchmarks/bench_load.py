@@ -54,8 +54,9 @@ end
 
 
 def run_wrk(port: int, per_request: int, seconds: int, connections: int, ids_file: Path, lua: Path,
-            token: str = "") -> dict:
-    env = dict(os.environ, BENCH_IDS=str(ids_file), BENCH_PER_REQUEST=str(per_request), BENCH_TOKEN=token)
+            token: str = "", delay_ms: int = 0) -> dict:
+    env = dict(os.environ, BENCH_IDS=str(ids_file), BENCH_PER_REQUEST=str(per_request), BENCH_TOKEN=token,
+               BENCH_DELAY_MS=str(delay_ms))
     out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(lua),
                           f"http://127.0.0.1:{port}"], capture_output=True, text=True, env=env, check=True).stdout
     line = next(x for x in out.splitlines() if x.startswith("RESULT"))

@@ -17,8 +17,9 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
-from typing import Annotated, Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from functools import lru_cache
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import numpy as np
 import orjson
@@ -26,7 +27,7 @@ import pandas as pd
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, StringConstraints, ValidationError
 
 from configs import Config
 
@@ -82,11 +83,56 @@ class ModelsResponse(BaseModel):
     last_reload_error: str = Field(description="why the last reload failed (the old state serves); empty if none")
 
 
+def _number(value: Any) -> Any:
+    # JSON numbers only: true/false and "0.5" are not coerced
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+def _whole(value: Any) -> int:
+    # 24 and 24.0 are the same JSON Schema integer; 2.5, true and "24" are not
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not value.is_integer()):
+        raise ValueError("must be a whole JSON number")
+    return int(value)
+
+
+Number = Annotated[float, BeforeValidator(_number)]
+Whole = Annotated[int, BeforeValidator(_whole)]
+
+
+def whole(low: int, high: int) -> Any:
+    """A whole number in [low, high]; the bounds first, so the schema states them."""
+    return Annotated[int, Field(ge=low, le=high), BeforeValidator(_whole)]
+
+
+def number(low: float, high: float) -> Any:
+    return Annotated[float, Field(ge=low, le=high), BeforeValidator(_number)]
+
+
+@lru_cache(maxsize=1)
+def _zone_names() -> tuple[str, ...]:
+    names = []
+    for zone in sorted(available_timezones()):
+        try:
+            ZoneInfo(zone)
+            names.append(zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            pass
+    return tuple(names)
+
+
+def _zone_type() -> Any:
+    # the schema lists every zone the service accepts, so a schema-valid zone is never refused
+    return Literal[_zone_names()]  # type: ignore[valid-type]
+
+
 def _request_model(cfg: Config, max_ids: int, name: str) -> type[BaseModel]:
     s = cfg.serving
     UserId = Annotated[StrictStr, StringConstraints(min_length=1, max_length=s.max_user_id_chars,
                                                      pattern=r"\S")]
-    Zone = Annotated[StrictStr, StringConstraints(min_length=1, max_length=64)]
+    Zone = _zone_type()
 
     class RecommendRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", title=name)
@@ -96,8 +142,8 @@ def _request_model(cfg: Config, max_ids: int, name: str) -> type[BaseModel]:
         window_start: StrictStr | None = Field(
             default=None, json_schema_extra={"format": "date-time"},
             description="start of the sending window, ISO 8601 (naive means UTC; default now)")
-        window_hours: StrictInt | None = Field(
-            default=None, ge=1, le=s.max_window_hours,
+        window_hours: whole(1, s.max_window_hours) | None = Field(
+            default=None,
             description=f"length of the window in whole hours, 1 to {s.max_window_hours} "
                         f"(default {s.default_window_hours})")
         timezones: dict[UserId, Zone] | None = Field(
@@ -114,7 +160,7 @@ def _request_model(cfg: Config, max_ids: int, name: str) -> type[BaseModel]:
 def _plan_model(cfg: Config) -> type[BaseModel]:
     s, p = cfg.serving, cfg.plan
     UserId = Annotated[StrictStr, StringConstraints(min_length=1, max_length=s.max_user_id_chars, pattern=r"\S")]
-    Zone = Annotated[StrictStr, StringConstraints(min_length=1, max_length=64)]
+    Zone = _zone_type()
 
     class PlanRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", title="PlanRequest")
@@ -123,18 +169,18 @@ def _plan_model(cfg: Config) -> type[BaseModel]:
         window_start: StrictStr | None = Field(default=None, json_schema_extra={"format": "date-time"},
                                                description="start of the campaign window, ISO 8601 (default: "
                                                            "this hour)")
-        window_hours: StrictInt | None = Field(default=None, ge=1, le=s.max_window_hours,
+        window_hours: whole(1, s.max_window_hours) | None = Field(default=None,
                                                description=f"1 to {s.max_window_hours} (default "
                                                            f"{p.default_window_hours})")
         channel: Annotated[StrictStr, StringConstraints(min_length=1, max_length=32)] | None = Field(
             default=None, description=f"the campaign's channel (default {p.default_channel})")
-        capacity_per_hour: StrictInt | None = Field(default=None, ge=0, le=10_000_000,
+        capacity_per_hour: whole(0, 10_000_000) | None = Field(default=None,
                                                     description="sends a UTC hour; 0 means no limit")
-        explore: float | None = Field(default=None, ge=0, le=1, description="share sent at a random allowed "
+        explore: number(0, 1) | None = Field(default=None, description="share sent at a random allowed "
                                                                               "hour, with logged propensities")
-        min_open_prob: float | None = Field(default=None, ge=0, le=1,
+        min_open_prob: number(0, 1) | None = Field(default=None,
                                             description="skip users whose best expected open probability is lower")
-        seed: StrictInt = Field(default=0, ge=0, le=2**31 - 1, description="the exploration's random seed")
+        seed: Whole = Field(default=0, ge=0, le=2**31 - 1, description="the exploration's random seed")
         timezones: dict[UserId, Zone] | None = Field(default=None, max_length=p.max_user_ids,
                                                      description="IANA zones of users the snapshot may not know")
 
@@ -315,14 +361,10 @@ def build_app(cfg: Config, state: Callable[[], Any], plan: Callable[[FastAPI], N
                 "n_users": len(r.matrix), "scores_from": r.board.source, "reloads": live.reloads,
                 "last_reload_error": live.last_error or ""}
 
-    @app.post("/models", response_model=ModelsResponse, responses={401: errors[401]},
-              summary="Which model versions and which feature snapshot this server answers with")
-    async def models_post() -> Response:
-        return _json(models_payload())
-
-    @app.get("/models", response_model=ModelsResponse, responses={401: errors[401]},
-             summary="The same, for a browser")
-    async def models_get() -> Response:
+    @app.api_route("/models", methods=["GET", "POST"], response_model=ModelsResponse,
+                   responses={401: errors[401]},
+                   summary="Which model versions and which feature snapshot this server answers with")
+    async def models() -> Response:
         return _json(models_payload())
 
     if plan is not None:

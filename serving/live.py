@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +36,19 @@ def _champion_versions(cfg: Config) -> dict[str, str | None]:
 
 
 class LiveRecommender:
-    def __init__(self, cfg: Config, serving_dir: str | Path | None = None, check_seconds: float = 0) -> None:
+    def __init__(self, cfg: Config, serving_dir: str | Path | None = None, check_seconds: float = 0,
+                 on_swap: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
         self.serving_dir = Path(serving_dir or cfg.serving.serving_dir)
         self._seen = self._signature()
         self._current = Recommender.load(cfg, self.serving_dir)
+        # the same check as a reload's: the champions score this snapshot (and the libraries'
+        # one-time buffers are allocated now, not at the first swap)
+        _smoke_test(self._current)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.reloads = 0
+        self.on_swap = on_swap
         self.last_error: str | None = None
         if check_seconds > 0:
             thread = threading.Thread(target=self._watch, args=(check_seconds,), name="sendtime-reload",
@@ -76,9 +82,13 @@ class LiveRecommender:
                 log.warning("reload failed, still serving refresh %s: %s",
                             self._current.manifest.get("refresh_id"), self.last_error)
                 return False
-            old = self._current.manifest.get("refresh_id"), self._current.champions.versions()
+            old_state = self._current
+            old = old_state.manifest.get("refresh_id"), old_state.champions.versions()
             self._current = fresh
+            del old_state
             self.reloads += 1
+            if self.on_swap is not None:
+                self.on_swap()
             self.last_error = None
             log.info("reloaded: refresh %s -> %s, models %s -> %s", old[0], fresh.manifest.get("refresh_id"),
                      old[1], fresh.champions.versions())
