@@ -81,7 +81,7 @@ def main(
     _quiet_third_parties()
 
 
-def _cfg() -> Config:
+def current_config() -> Config:
     return load_config(STATE.config_path)
 
 
@@ -99,7 +99,7 @@ def _user_error(exc: BaseException) -> bool:
     return isinstance(exc, (SendtimeError, FileNotFoundError, ValueError))
 
 
-def _job(func):
+def cli_job(func):
     """Turn the errors users can act on into a one-line reason and exit status 1."""
 
     @functools.wraps(func)
@@ -120,7 +120,7 @@ def _job(func):
     return wrapper
 
 
-def _as_of(value: Optional[str]) -> Optional[datetime]:
+def parse_as_of(value: Optional[str]) -> Optional[datetime]:
     if value is None:
         return None
     from features.events import to_utc
@@ -131,7 +131,7 @@ def _as_of(value: Optional[str]) -> Optional[datetime]:
         raise ValueError(f"--as-of: {value!r} is not a time (use ISO 8601, e.g. 2026-05-01T00:00:00Z)") from exc
 
 
-def _open(events: Path, users: Optional[Path], cfg: Config, quarantine: Optional[Path] = None):
+def open_events(events: Path, users: Optional[Path], cfg: Config, quarantine: Optional[Path] = None):
     from features.events import open_log
 
     return open_log(events, users, default_timezone=cfg.slots.default_timezone,
@@ -141,7 +141,7 @@ def _open(events: Path, users: Optional[Path], cfg: Config, quarantine: Optional
 
 
 @app.command()
-@_job
+@cli_job
 def simulate(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for events.parquet, users.parquet, truth.parquet, snapshot.txt."),
     users: Optional[int] = typer.Option(None, "--users", help="Number of users (default from config: simulate.users)."),
@@ -152,7 +152,7 @@ def simulate(
     """Generate a realistic behaviour log with known truth (true per-slot open probabilities, churn)."""
     from simulator.generate import simulate as run
 
-    cfg = _cfg()
+    cfg = current_config()
     if exploration is not None:
         cfg = cfg.with_overrides(simulate={"exploration": exploration})
     summary = run(cfg, out, users=users, days=days, seed=seed, progress=not STATE.quiet)
@@ -161,7 +161,7 @@ def simulate(
 
 
 @app.command()
-@_job
+@cli_job
 def features(
     events: Path = EventsOpt,
     users: Optional[Path] = UsersOpt,
@@ -173,9 +173,9 @@ def features(
     from features.matrix import build_matrix
     from features.snapshot import FEATURES_FILE, write_snapshot
 
-    cfg = _cfg()
-    lg = _open(events, users, cfg, quarantine)
-    t = resolve_as_of(_as_of(as_of), lg.max_ts)
+    cfg = current_config()
+    lg = open_events(events, users, cfg, quarantine)
+    t = resolve_as_of(parse_as_of(as_of), lg.max_ts)
     matrix, priors = build_matrix(lg, t, cfg)
     write_snapshot(out, matrix, priors, cfg, events=str(events))
     n_columns = matrix.scalars.shape[1] + len(matrix.slots) * matrix.n_slots
@@ -184,7 +184,7 @@ def features(
 
 
 @app.command()
-@_job
+@cli_job
 def train(
     task: Task = typer.Option(..., "--task", "-t", help="open (per-slot open probability) or churn."),
     model: Library = typer.Option(..., "--model", "-m", help="lightgbm or xgboost."),
@@ -199,15 +199,15 @@ def train(
     """Train on what happened up to --as-of, measure on a time holdout, log to MLflow and register a version."""
     from training.pipeline import train_task
 
-    cfg = _cfg()
+    cfg = current_config()
     task, model = task.value, model.value
     overrides = json.loads(params) if params else {}
     if best_params:
         from training.tuning import best_params_for
 
         overrides = {**best_params_for(cfg, task, model), **overrides}
-    lg = _open(events, users, cfg, quarantine)
-    result = train_task(lg, task, model, cfg, as_of=_as_of(as_of), overrides=overrides,
+    lg = open_events(events, users, cfg, quarantine)
+    result = train_task(lg, task, model, cfg, as_of=parse_as_of(as_of), overrides=overrides,
                         register=not no_register, progress=not STATE.quiet,
                         extra_tags={"tuned": str(bool(best_params)).lower()})
     m = result.metrics
@@ -220,7 +220,7 @@ def train(
 
 
 @app.command()
-@_job
+@cli_job
 def promote(
     task: Task = typer.Option(..., "--task", "-t", help="open or churn."),
     version: Optional[int] = typer.Option(None, "--version", help="Version to promote (default: best holdout log loss)."),
@@ -230,7 +230,7 @@ def promote(
     """Point the `champion` alias at a version; refuses a worse one than the champion unless forced."""
     from training.registry import promote_champion, rollback_champion
 
-    cfg = _cfg()
+    cfg = current_config()
     task = task.value
     result = rollback_champion(cfg, task) if rollback else promote_champion(cfg, task, version, force)
     typer.echo(f"{result.model_name}@{cfg.tracking.champion_alias} -> version {result.version} "
@@ -238,7 +238,7 @@ def promote(
 
 
 @app.command()
-@_job
+@cli_job
 def score(
     events: Path = EventsOpt,
     users: Optional[Path] = UsersOpt,
@@ -257,12 +257,12 @@ def score(
     from serving.refresh import refresh_tags
     from serving.tagstore import refresh_lock
 
-    cfg = _cfg()
+    cfg = current_config()
     # the lock first, so a second run fails before loading anything
     with refresh_lock(Path(cfg.serving.serving_dir)) as lock:
         champions = load_champions(cfg)
-        lg = _open(events, users, cfg, quarantine)
-        result = refresh_tags(lg, cfg, champions, out, _as_of(as_of), progress=not STATE.quiet,
+        lg = open_events(events, users, cfg, quarantine)
+        result = refresh_tags(lg, cfg, champions, out, parse_as_of(as_of), progress=not STATE.quiet,
                               make_current=make_current, lock=lock)
     for task, why in result.missing.items():
         typer.echo(f"warning: no {task} champion; its tag columns are empty ({why})", err=True)
@@ -274,7 +274,7 @@ def score(
 
 
 @app.command()
-@_job
+@cli_job
 def evaluate(
     tags: Path = typer.Option(..., "--tags", help="Tags written by `sendtime score`."),
     truth: Path = typer.Option(..., "--truth", help="truth.parquet written by `sendtime simulate`."),
@@ -288,18 +288,18 @@ def evaluate(
 
     from simulator.judge import evaluate_against_truth
 
-    cfg = _cfg()
+    cfg = current_config()
     events = events or (truth.parent / "events.parquet")
     users = users or (truth.parent / "users.parquet" if (truth.parent / "users.parquet").exists() else None)
-    lg = _open(events, users, cfg) if events.exists() else None
-    report = evaluate_against_truth(pd.read_parquet(tags), pd.read_parquet(truth), cfg, lg, _as_of(as_of))
+    lg = open_events(events, users, cfg) if events.exists() else None
+    report = evaluate_against_truth(pd.read_parquet(tags), pd.read_parquet(truth), cfg, lg, parse_as_of(as_of))
     typer.echo(report.to_text())
     if json_out:
         json_out.write_text(report.table.to_json(orient="records", indent=2))
 
 
 @app.command("active-hours")
-@_job
+@cli_job
 def active_hours(
     events: Path = EventsOpt,
     users: Optional[Path] = UsersOpt,
@@ -310,13 +310,13 @@ def active_hours(
     """Logs without opens: predicted active hours as of T beside actual purchase hours in the month after."""
     from training.evaluation import active_hours_report
 
-    cfg = _cfg()
-    report = active_hours_report(_open(events, users, cfg, quarantine), cfg, _as_of(as_of), top_k=top_k)
+    cfg = current_config()
+    report = active_hours_report(open_events(events, users, cfg, quarantine), cfg, parse_as_of(as_of), top_k=top_k)
     typer.echo(report.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
 @app.command()
-@_job
+@cli_job
 def serve(
     port: Optional[int] = typer.Option(None, "--port", "-p", help="Port (default serving.port)."),
     host: Optional[str] = typer.Option(None, "--host", help="Address to bind (default serving.host, loopback)."),
@@ -334,7 +334,7 @@ def serve(
 
     from serving.tagstore import current_refresh
 
-    cfg = _cfg()
+    cfg = current_config()
     folder = serving_dir or Path(cfg.serving.serving_dir)
     if current_refresh(folder) is None:
         raise FileNotFoundError(f"no feature snapshot under {folder}: run `sendtime score` first")
@@ -359,7 +359,7 @@ def serve(
 
 
 @app.command()
-@_job
+@cli_job
 def tags(
     sql: str = typer.Argument("SELECT churn_tier, count(*) AS users, avg(churn_prob) AS mean_churn_prob FROM tags GROUP BY 1 ORDER BY 1",
                               help="Read-only SQL over the tag store (tables: tags, priors, manifest); "
@@ -369,13 +369,13 @@ def tags(
     """Query the current tag store, e.g. audiences: SELECT user_id FROM tags WHERE churn_tier = 'high'."""
     from serving.tagstore import query_tags
 
-    cfg = _cfg()
+    cfg = current_config()
     frame = query_tags(serving_dir or Path(cfg.serving.serving_dir), sql)
     typer.echo(frame.to_string(index=False, max_rows=50))
 
 
 @app.command("import")
-@_job
+@cli_job
 def import_(
     source: Path = typer.Option(..., "--source", "-s", help="Your table: a Parquet/CSV file or folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Events file to write (Parquet, the contract's columns)."),
@@ -394,7 +394,7 @@ def import_(
     """Turn your own table into the contract's event log through a column mapping, with validation."""
     from features.importer import ColumnMapping, import_table
 
-    cfg = _cfg()
+    cfg = current_config()
     mapping = ColumnMapping(user=user, time=time, event=event, event_name=event_name, value=value,
                             message_id=message_id, channel=channel, where=where, group_by=group_by,
                             source_timezone=source_timezone)
@@ -404,7 +404,7 @@ def import_(
 
 
 @app.command()
-@_job
+@cli_job
 def tune(
     task: Task = typer.Option(..., "--task", "-t", help="open or churn."),
     model: Library = typer.Option(..., "--model", "-m", help="lightgbm or xgboost."),
@@ -418,10 +418,10 @@ def tune(
     from training.datasets import build_dataset
     from training.tuning import tune as run_tune
 
-    cfg = _cfg()
+    cfg = current_config()
     task, model = task.value, model.value
-    lg = _open(events, users, cfg, quarantine)
-    ds = build_dataset(lg, task, _as_of(as_of), cfg, progress=not STATE.quiet)
+    lg = open_events(events, users, cfg, quarantine)
+    ds = build_dataset(lg, task, parse_as_of(as_of), cfg, progress=not STATE.quiet)
     study = run_tune(ds, model, cfg, trials, progress=not STATE.quiet)
     typer.echo(f"study {study.study_name}: {len(study.trials)} trials, best validation log loss "
                f"{study.best_value:.5f} with {study.best_params}\n"
@@ -429,7 +429,7 @@ def tune(
 
 
 @app.command()
-@_job
+@cli_job
 def compare(
     task: Task = typer.Option(..., "--task", "-t", help="open or churn."),
     versions: Optional[str] = typer.Option(None, "--versions", help="Comma-separated versions (default: all)."),
@@ -442,19 +442,19 @@ def compare(
 
     from training.compare import compare_versions
 
-    cfg = _cfg()
+    cfg = current_config()
     truth_frame = lg = None
     if truth is not None:
         truth_frame = pd.read_parquet(truth)
         events = events or truth.parent / "events.parquet"
         users = users or (truth.parent / "users.parquet" if (truth.parent / "users.parquet").exists() else None)
-        lg = _open(events, users, cfg)
+        lg = open_events(events, users, cfg)
     table = compare_versions(cfg, task.value, versions.split(",") if versions else None, truth_frame, lg)
     typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
 @app.command()
-@_job
+@cli_job
 def demo(
     data_dir: Path = typer.Option(Path("data/demo"), "--data-dir", help="Where the simulated log and tags go."),
     users: Optional[int] = typer.Option(None, "--users", help="Simulated users (default simulate.users)."),
@@ -462,7 +462,7 @@ def demo(
     """The whole main job on simulated data: simulate, train x4, promote, score, evaluate, serve and query."""
     from sendtime.demo import run_demo
 
-    run_demo(_cfg(), data_dir, users, STATE.config_path)
+    run_demo(current_config(), data_dir, users, STATE.config_path)
 
 
 def _register_plan_commands() -> None:

@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
     from sendtime import cli
 
     @app.command("plan")
-    @cli._job
+    @cli.cli_job
     def plan(
         window_start: str = typer.Option(
             ..., "--window-start", help="Start of the campaign window (ISO 8601; naive = UTC)."
@@ -130,9 +130,9 @@ def register(app: typer.Typer) -> None:
         from serving.plan import plan_campaign
         from serving.plan_report import format_plan, log_plan_to_mlflow
 
-        cfg = cli._cfg()
+        cfg = cli.current_config()
         start = _window_start(window_start)
-        lg = cli._open(events, users, cfg, quarantine) if events is not None else None
+        lg = cli.open_events(events, users, cfg, quarantine) if events is not None else None
         if users is not None and events is None:
             raise ValueError("--users needs --events (the users table comes with the log)")
         result = plan_campaign(
@@ -174,7 +174,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"by-hour plot logged to MLflow run {run_id}")
 
     @app.command("evaluate-policy")
-    @cli._job
+    @cli.cli_job
     def evaluate_policy(
         events: Path = cli.EventsOpt,
         policy: str = typer.Option(
@@ -214,8 +214,8 @@ def register(app: typer.Typer) -> None:
         from serving.policy_eval import evaluate_policy as run
         from serving.tagstore import current_refresh
 
-        cfg = cli._cfg()
-        lg = cli._open(events, users, cfg, quarantine)
+        cfg = cli.current_config()
+        lg = cli.open_events(events, users, cfg, quarantine)
         paths = current_refresh(Path(serving_dir or cfg.serving.serving_dir))
         tags = (
             pd.read_parquet(paths.tags, columns=["user_id", "slot_open_probs"])
@@ -228,7 +228,7 @@ def register(app: typer.Typer) -> None:
             policy,
             tags,
             reward_model=reward_model,
-            since=cli._as_of(since) if since else None,
+            since=cli.parse_as_of(since) if since else None,
         )
         typer.echo(f"policy {policy}:")
         typer.echo(result.to_text())
