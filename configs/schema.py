@@ -175,14 +175,14 @@ class ServingConfig(_Frozen):
     # a user id longer than this is refused (ids are opaque, often hashes)
     max_user_id_chars: int = Field(default=128, gt=0)
     # request bodies over this many bytes get 413 before they are read in full
-    max_body_bytes: int = Field(default=2_000_000, gt=0)
+    max_body_bytes: int = Field(default=4_000_000, gt=0)
     # requests answered at once; beyond it the service sheds load with 503 + Retry-After
     max_concurrent_requests: int = Field(default=64, gt=0)
     # the bearer token every endpoint but /livez and /readyz asks for; SENDTIME_API_TOKEN wins.
     # Empty: no token (then `serve` binds only to loopback unless told otherwise)
     api_token: str = ""
     # server processes; each holds its own copy of the snapshot's scores
-    workers: int = Field(default=1, gt=0)
+    workers: int = Field(default=2, gt=0)
 
     def resolved_token(self) -> str:
         """``SENDTIME_API_TOKEN`` wins over the file, like MLFLOW_TRACKING_URI."""

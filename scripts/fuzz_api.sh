@@ -11,9 +11,9 @@ port=$(.venv/bin/python -c "from sendtime.demo import free_port; print(free_port
 token=$(.venv/bin/python -c "import secrets; print(secrets.token_hex(16))")
 log=$(mktemp)
 export SENDTIME_API_TOKEN=$token
-.venv/bin/sendtime ${config:+--config "$config"} serve --port "$port" >"$log" 2>&1 &
+setsid .venv/bin/sendtime ${config:+--config "$config"} serve --port "$port" >"$log" 2>&1 &
 server=$!
-trap 'kill -- -$server 2>/dev/null || kill $server 2>/dev/null; pkill -f "bentoml serve serving.service:Sendtime --host 127.0.0.1 --port $port" || true' EXIT
+trap 'kill -- -"$server" 2>/dev/null || true' EXIT
 for _ in $(seq 1 120); do
   curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break
   sleep 1

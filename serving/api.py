@@ -16,7 +16,7 @@ import hmac
 import json
 import logging
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
@@ -25,9 +25,10 @@ import numpy as np
 import orjson
 import pandas as pd
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, StringConstraints, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, StringConstraints, ValidationError, field_validator
 
 from configs import Config
 
@@ -36,6 +37,8 @@ __all__ = ["ErrorBody", "Guard", "build_app", "hash_id"]
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/livez", "/readyz")
+# window starts are dates of years 1970 to 2200 (as written): the schema says so, the parser checks
+YEARS_1970_2200 = r"^(19[7-9][0-9]|2[01][0-9]{2}|2200)-"
 
 
 def hash_id(user_id: str) -> str:
@@ -130,8 +133,8 @@ def _zone_type() -> Any:
 
 def _request_model(cfg: Config, max_ids: int, name: str) -> type[BaseModel]:
     s = cfg.serving
-    UserId = Annotated[StrictStr, StringConstraints(min_length=1, max_length=s.max_user_id_chars,
-                                                     pattern=r"\S")]
+    # ids are opaque: any non-empty string up to the limit (an unknown id is a cold start)
+    UserId = Annotated[StrictStr, StringConstraints(min_length=1, max_length=s.max_user_id_chars)]
     Zone = _zone_type()
 
     class RecommendRequest(BaseModel):
@@ -140,8 +143,9 @@ def _request_model(cfg: Config, max_ids: int, name: str) -> type[BaseModel]:
                                        description=f"users to recommend for (1 to {max_ids} ids, each 1 to "
                                                    f"{s.max_user_id_chars} characters, not blank)")
         window_start: StrictStr | None = Field(
-            default=None, json_schema_extra={"format": "date-time"},
-            description="start of the sending window, ISO 8601 (naive means UTC; default now)")
+            default=None, json_schema_extra={"format": "date-time", "pattern": YEARS_1970_2200},
+            description="start of the sending window, ISO 8601 between 1970 and 2200 (naive means UTC; "
+                        "default now)")
         window_hours: whole(1, s.max_window_hours) | None = Field(
             default=None,
             description=f"length of the window in whole hours, 1 to {s.max_window_hours} "
@@ -159,14 +163,24 @@ def _request_model(cfg: Config, max_ids: int, name: str) -> type[BaseModel]:
 
 def _plan_model(cfg: Config) -> type[BaseModel]:
     s, p = cfg.serving, cfg.plan
-    UserId = Annotated[StrictStr, StringConstraints(min_length=1, max_length=s.max_user_id_chars, pattern=r"\S")]
+    UserId = Annotated[StrictStr, StringConstraints(min_length=1, max_length=s.max_user_id_chars)]
     Zone = _zone_type()
 
     class PlanRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", title="PlanRequest")
         user_ids: list[UserId] = Field(min_length=1, max_length=p.max_user_ids,
-                                       description=f"the audience (1 to {p.max_user_ids} ids)")
-        window_start: StrictStr | None = Field(default=None, json_schema_extra={"format": "date-time"},
+                                       json_schema_extra={"uniqueItems": True},
+                                       description=f"the audience (1 to {p.max_user_ids} distinct ids)")
+
+        @field_validator("user_ids")
+        @classmethod
+        def _distinct(cls, ids: list[str]) -> list[str]:
+            # a second copy of a user would be planned without the first one's send counting
+            if len(set(ids)) != len(ids):
+                raise ValueError("ids must be distinct")
+            return ids
+        window_start: StrictStr | None = Field(default=None,
+                                               json_schema_extra={"format": "date-time", "pattern": YEARS_1970_2200},
                                                description="start of the campaign window, ISO 8601 (default: "
                                                            "this hour)")
         window_hours: whole(1, s.max_window_hours) | None = Field(default=None,
@@ -200,12 +214,9 @@ def _window_start(text: str | None) -> datetime | None:
     except ValueError:
         raise ValueError("window_start: not an ISO 8601 time (for example 2026-01-05T00:00:00Z)") from None
     value = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
-    try:
-        # the window and every zone's local time must stay representable
-        value.astimezone(timezone.utc) + timedelta(days=30)
-        value.astimezone(timezone.utc) - timedelta(days=2)
-    except OverflowError:
-        raise ValueError("window_start: out of range") from None
+    # the window and every zone's local time must stay representable, pandas' too
+    if not 1970 <= value.year <= 2200:
+        raise ValueError("window_start: out of range (years 1970 to 2200)")
     return value
 
 
@@ -252,6 +263,8 @@ def build_app(cfg: Config, state: Callable[[], Any], plan: Callable[[FastAPI], N
         field = loc[0] if loc else "body"
         if first.get("type") == "json_invalid" or not loc:
             field, msg = "body", "not a JSON object with the documented fields"
+        elif first.get("type") == "literal_error":
+            msg = "not an IANA time zone (the schema lists them)"   # not the 600 names
         else:
             msg = first.get("msg", "invalid")
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
@@ -336,10 +349,12 @@ def build_app(cfg: Config, state: Callable[[], Any], plan: Callable[[FastAPI], N
             ids = list(body.user_ids)
             found = current.lookup(ids, [zones.get(u) for u in ids] if zones else None)
             slot = found.slot if found.slot is not None else np.full((len(ids), current.matrix.n_slots), np.nan)
-            result = plan_users(ids, slot, list(found.zones), start, cfg, window_hours=body.window_hours,
-                                history=current.plan_history, unsubscribed=found.unreachable, channel=body.channel,
-                                capacity_per_hour=body.capacity_per_hour, explore=body.explore,
-                                min_open_prob=body.min_open_prob, seed=body.seed)
+            # the optimiser may take a while: off the event loop, so health checks still answer
+            result = await run_in_threadpool(
+                plan_users, ids, slot, list(found.zones), start, cfg, window_hours=body.window_hours,
+                history=current.plan_history, unsubscribed=found.unreachable, channel=body.channel,
+                capacity_per_hour=body.capacity_per_hour, explore=body.explore,
+                min_open_prob=body.min_open_prob, seed=body.seed)
         except ValueError as exc:
             field = str(exc).split(":")[0].lstrip("-").replace("-", "_")
             return _bad(str(exc), field)
@@ -415,12 +430,15 @@ class Guard:
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "websocket" and self.token:
+            # no websocket routes exist; should one appear, it is not a way around the token
+            return await send({"type": "websocket.close", "code": 1008})
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         if self.token:
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, b"Bearer " + self.token):
+            scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
                 log.info("401 %s", scope["path"])
                 return await self._send_error(send, 401, "Authorization: a valid bearer token is required",
                                               "Authorization", [(b"www-authenticate", b"Bearer")])
@@ -431,24 +449,33 @@ class Guard:
         if self.in_flight >= self.max_concurrent:
             log.info("503 %s: %d requests in flight", scope["path"], self.in_flight)
             return await self._send_error(send, 503, "busy: retry shortly", None, [(b"retry-after", b"1")])
-        received = 0
-
-        async def counted_receive() -> dict:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    # a chunked body without a length: stop reading at the limit
-                    raise _BodyTooLarge
-            return message
-
         self.in_flight += 1
         try:
-            await self.app(scope, counted_receive, send)
-        except _BodyTooLarge:
-            log.info("413 %s", scope["path"])
-            await self._send_error(send, 413, f"body: over {self.max_body} bytes", "body")
+            # read the body here, up to the limit, before any route parses it: a chunked body
+            # without a length is cut off at the limit with 413, not read in full
+            chunks, size, more = [], 0, True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body:
+                    log.info("413 %s", scope["path"])
+                    return await self._send_error(send, 413, f"body: over {self.max_body} bytes", "body")
+                chunks.append(chunk)
+                more = message.get("more_body", False)
+            body = b"".join(chunks)
+            replayed = False
+
+            async def replay() -> dict:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, send)
         finally:
             self.in_flight -= 1
 

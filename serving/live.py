@@ -4,8 +4,8 @@ The nightly job publishes a new refresh (``current`` moves) and an ML engineer m
 ``champion`` alias; a long-running server should pick both up without a restart. A
 daemon thread looks every few seconds; when something moved it loads a complete new
 :class:`Recommender` beside the old one and swaps the reference, so requests never see
-a half-loaded state. A load that fails keeps the old one serving, and is retried at
-the next look.
+a half-loaded state. A load that fails keeps the old one serving; the same state is not
+tried again until something moves (a newer refresh, another champion).
 """
 
 from __future__ import annotations
@@ -74,8 +74,13 @@ class LiveRecommender:
             try:
                 if not self.stale():
                     return False
-                self._seen = self._signature()
-                fresh = Recommender.load(self.cfg, self.serving_dir)
+                seen = self._signature()
+                self._seen = seen
+                # a nightly refresh with the same champions reuses the loaded models: reloading
+                # the boosters every night cost time and left their old buffers resident
+                same = dict(seen[1]) == self._current.champions.versions()
+                fresh = Recommender.load(self.cfg, self.serving_dir,
+                                         champions=self._current.champions if same else None)
                 _smoke_test(fresh)
             except Exception as exc:  # noqa: BLE001 - whatever broke, the old state keeps serving
                 self.last_error = f"{type(exc).__name__}: {exc}"

@@ -410,20 +410,30 @@ def read_audience(
     if user_ids is not None:
         condition += " AND user_id IN (SELECT unnest(?))"
         params.append(list(dict.fromkeys(user_ids)))
-    zones_sql = (
-        f"SELECT user_id, timezone FROM read_parquet('{paths.features.as_posix()}')"
-        if paths.features.exists()
-        else "SELECT NULL::VARCHAR AS user_id, NULL::VARCHAR AS timezone"
-    )
-    con = duckdb.connect(str(paths.store), read_only=True)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    zones_table = (pq.read_table(paths.features, columns=["user_id", "timezone"]) if paths.features.exists()
+                   else pa.table({"user_id": pa.array([], pa.string()), "timezone": pa.array([], pa.string())}))
+    # like `sendtime tags`: the audience's SQL cannot read or write files
+    con = duckdb.connect(str(paths.store), read_only=True,
+                         config={"enable_external_access": False, "lock_configuration": True})
     try:
+        con.register("zones", zones_table)
         table = con.sql(
             f"""WITH t AS (SELECT * FROM tags WHERE {condition})
                 SELECT t.user_id, t.slot_open_probs, t.unsubscribed, f.timezone
-                FROM t LEFT JOIN ({zones_sql}) f ON f.user_id = t.user_id
+                FROM t LEFT JOIN zones f ON f.user_id = t.user_id
                 ORDER BY t.user_id""",
             params=params or None,
         ).to_arrow_table()
+        known: set = set()
+        if user_ids is not None:
+            # listed ids the tags do not hold at all come back with no prediction; ids the
+            # condition left out stay out
+            known = set(con.sql("SELECT user_id FROM tags WHERE user_id IN (SELECT unnest(?))",
+                                params=[list(dict.fromkeys(user_ids))]).to_arrow_table()
+                        .column("user_id").to_pylist())
     except duckdb.Error as exc:
         raise PlanError(
             f"--audience: {where!r} is not a condition over the tags: {str(exc).splitlines()[0]}"
@@ -444,7 +454,7 @@ def read_audience(
     zones = np.asarray(table.column("timezone").to_pylist(), dtype=object)
     unsub = np.asarray(table.column("unsubscribed").fill_null(False).to_pylist(), dtype=bool)
     if user_ids is not None:
-        missing = [u for u in dict.fromkeys(user_ids) if u not in set(ids)]
+        missing = [u for u in dict.fromkeys(user_ids) if u not in known]
         if missing:
             ids = np.concatenate([ids, np.asarray(missing, dtype=object)])
             probs = np.vstack([probs, np.full((len(missing), width), np.nan)])

@@ -100,8 +100,12 @@ def window_candidates(zones: list[str], start: datetime, hours: int, slot_kind: 
     """Every local hour that starts inside [start, start + hours) in each zone, and the
     window start itself; half-hour and 45-minute zones are handled (15-minute steps)."""
     start = _utc(start).replace(microsecond=0)
-    steps = pd.date_range(pd.Timestamp(start), periods=hours * 4, freq="15min")
-    steps = steps[steps < pd.Timestamp(start) + pd.Timedelta(hours=hours)]
+    first = pd.Timestamp(start)
+    # the window start, then every quarter hour after it: local hours start on a quarter
+    # hour in every zone, whatever minute the window starts at
+    after = pd.date_range(first.ceil("15min"), first + pd.Timedelta(hours=hours), freq="15min",
+                          inclusive="left")
+    steps = after if len(after) and after[0] == first else pd.DatetimeIndex([first]).append(after)
     rows = []
     for zone in zones:
         local = steps.tz_convert(ZoneInfo(zone))

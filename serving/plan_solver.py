@@ -284,6 +284,8 @@ def _highs(opts: Options, capacity: np.ndarray) -> np.ndarray:
             bounds=Bounds(0, 1),
         )
         x = res.x
+        if x is None:
+            raise RuntimeError(f"HiGHS found no plan: {res.message}")
     picked = np.flatnonzero(x > 0.5)
     choice[opts.user[picked]] = picked
     return choice

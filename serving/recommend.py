@@ -21,7 +21,7 @@ import pandas as pd
 from configs import Config
 from features.snapshot import read_snapshot
 from serving.core import PriorTable, Scores, ScoringCore, tier_cutoffs
-from serving.models import load_champions
+from serving.models import Champions, load_champions
 from serving.plan_rules import PlanHistory, read_history
 from serving.tagstore import RefreshPaths, current_refresh
 
@@ -135,7 +135,7 @@ class Recommender:
         the core's numbers); else every user scored once with the core, off the request path."""
         if self.manifest.get("model_versions") == self.versions and self.refresh.tags.exists():
             tags = pd.read_parquet(self.refresh.tags)
-            if (tags["user_id"].to_numpy(dtype=object) == self.index.to_numpy()).all():
+            if len(tags) == len(self.index) and (tags["user_id"].to_numpy(dtype=object) == self.index.to_numpy()).all():
                 return Scoreboard.from_tags(tags)
         log.info("champions %s differ from the refresh's %s: scoring %d users once", self.versions,
                  self.manifest.get("model_versions"), len(self.index))
@@ -159,14 +159,16 @@ class Recommender:
         return self.core.unreachable
 
     @classmethod
-    def load(cls, cfg: Config, serving_dir: Path | None = None) -> Recommender:
+    def load(cls, cfg: Config, serving_dir: Path | None = None, champions: Champions | None = None) -> Recommender:
+        """The current refresh with the champions (``champions``: already loaded ones to reuse,
+        when the registry still points at the same versions)."""
         serving_dir = Path(serving_dir or cfg.serving.serving_dir)
         paths = current_refresh(serving_dir)
         if paths is None:
             raise FileNotFoundError(f"no feature snapshot under {serving_dir}: run `sendtime score` first")
         matrix, manifest = read_snapshot(paths.root)
         priors = PriorTable(pd.read_parquet(paths.priors))
-        champions = load_champions(cfg)
+        champions = champions or load_champions(cfg)
         history = read_history(paths.root)
         log.info("loaded %d users as of %s; models %s", len(matrix), manifest["as_of"], champions.versions())
         return cls(cfg=cfg, core=ScoringCore(champions, matrix, cfg), priors=priors, refresh=paths,

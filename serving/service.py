@@ -107,8 +107,8 @@ class _ConfiguredGuard(Guard):
     metrics={"enabled": False},
     # no tracing exporter is configured: skip building a span per request on the hot routes
     tracing={"excluded_urls": ["/recommend", "/recommend/bulk", "/models", "/plan"]},
-    # `sendtime serve --workers` sets this; the process count is fixed before the service loads
-    workers=int(os.environ.get("SENDTIME_WORKERS") or 1),
+    # `sendtime serve --workers` sets this, else serving.workers; fixed before the service loads
+    workers=int(os.environ.get("SENDTIME_WORKERS") or load_config(os.environ.get("SENDTIME_CONFIG") or None).serving.workers),
 )
 @bentoml.asgi_app(routes, path="/")
 class Sendtime:

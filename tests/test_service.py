@@ -122,12 +122,23 @@ def test_limits_apply_before_parsing_and_4xx_name_the_field(server):
     too_long = httpx.post(f"{url}/recommend", json={"user_ids": ["x" * 10_000]}, timeout=30)
     assert too_long.status_code == 400 and too_long.json()["field"] == "user_ids"
     assert "x" * 200 not in too_long.text          # the id is not echoed
-    huge = b'{"user_ids": [' + b",".join(b'"u%07d"' % i for i in range(300_000)) + b"]}"
+    huge = b'{"user_ids": [' + b",".join(b'"u%07d"' % i for i in range(500_000)) + b"]}"
     r = httpx.post(f"{url}/recommend", content=huge, headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 413 and r.json()["field"] == "body"
     multipart = httpx.post(f"{url}/recommend", content=b"x", headers={"content-type": "multipart/form-data"},
                            timeout=30)
     assert multipart.status_code == 400
+
+    def chunked():   # no content-length: cut off at the limit
+        yield b'{"user_ids": ['
+        for i in range(500_000):
+            yield b'"u%07d",' % i
+        yield b'"u"]}'
+
+    r = httpx.post(f"{url}/recommend", content=chunked(), headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and r.json()["field"] == "body"
+    bad_zone = httpx.post(f"{url}/recommend", json={"user_ids": ["n"], "timezones": {"n": "Mars/Base"}}, timeout=30)
+    assert bad_zone.status_code == 400 and len(bad_zone.text) < 300
     assert httpx.post(f"{url}/recommend", json={"user_ids": ["u1"]}, timeout=30).status_code == 200
 
 
@@ -157,8 +168,11 @@ def test_plan_endpoint_gives_every_user_a_row(server):
     assert [x["user_id"] for x in rows] == ids
     planned = [x for x in rows if x["reason"] is None]
     assert planned and all(x["send_at"] and 0 < x["propensity"] <= 1 for x in planned)
-    per_hour = pd.Series([x["send_at"] for x in planned]).value_counts()
+    # capacity is per hour of the window: a :00 and a :30 send (Kolkata) share an hour
+    per_hour = pd.to_datetime(pd.Series([x["send_at"] for x in planned])).dt.floor("h").value_counts()
     assert per_hour.max() <= 3
+    dup = httpx.post(f"{url}/plan", json={"user_ids": ids[:2] + ids[:1]}, timeout=30)
+    assert dup.status_code == 400 and dup.json()["field"] == "user_ids"
     assert {x["reason"] for x in rows} <= {None, "unsubscribed", "quota", "frequency_cap", "silenced",
                                             "quiet_hours", "capacity", "low_value", "no_prediction"}
 
