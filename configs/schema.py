@@ -267,6 +267,14 @@ class PlanConfig(_Frozen):
             raise ValueError("plan: degrade_after_unopened must not be below silence_after_unopened")
         return self
 
+    def quiet_hours(self) -> tuple[bool, ...]:
+        """For each local hour 0-23: inside the quiet window (which may wrap midnight)?"""
+        start, end = self.quiet_start_hour, self.quiet_end_hour
+        if start == end:
+            return (False,) * 24
+        if start < end:
+            return tuple(start <= h < end for h in range(24))
+        return tuple(h >= start or h < end for h in range(24))
 
 class Config(_Frozen):
     slots: SlotConfig

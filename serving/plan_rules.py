@@ -49,14 +49,8 @@ _KEY = np.int64(1) << 32  # user index x 2^32 + seconds or days: one sortable in
 
 
 def quiet_hours(cfg: Config) -> np.ndarray:
-    """(24,) True for the local hours inside the quiet window (which may wrap midnight)."""
-    hours = np.arange(24)
-    start, end = cfg.plan.quiet_start_hour, cfg.plan.quiet_end_hour
-    if start == end:
-        return np.zeros(24, dtype=bool)
-    if start < end:
-        return (hours >= start) & (hours < end)
-    return (hours >= start) | (hours < end)
+    """(24,) True for the local hours inside the quiet window (the config says which)."""
+    return np.asarray(cfg.plan.quiet_hours(), dtype=bool)
 
 
 def _utc(value: datetime) -> datetime:

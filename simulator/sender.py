@@ -27,14 +27,8 @@ __all__ = ["RuleState", "allowed_hours", "choose_hours", "quiet_mask"]
 
 
 def quiet_mask(cfg: Config) -> np.ndarray:
-    """(24,) True for the local hours inside the quiet window (which may wrap midnight)."""
-    hours = np.arange(24)
-    start, end = cfg.plan.quiet_start_hour, cfg.plan.quiet_end_hour
-    if start == end:
-        return np.zeros(24, dtype=bool)
-    if start < end:
-        return (hours >= start) & (hours < end)
-    return (hours >= start) | (hours < end)
+    """(24,) True for the local hours inside the quiet window: the same rule as the plan's."""
+    return np.asarray(cfg.plan.quiet_hours(), dtype=bool)
 
 
 class RuleState:
