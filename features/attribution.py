@@ -6,7 +6,7 @@ each with its own ``known_at``: a feature as of T may only see opens up to T.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 __all__ = ["attributed_sends_sql", "slot_expr"]
 
@@ -36,11 +36,19 @@ def attributed_sends_sql(
     A send is opened when an open with its ``message_id`` follows within the window;
     opens without a message id go to the latest send at or before them (DuckDB's ASOF
     join), which is "the first open after the send, before the next send"; so do opens
-    whose id names no send when that latest send has no id itself (a log whose sends
-    carry no ids), while a send with an id is only answered by its own id. Only opens at
-    or before ``known_at`` count, so the flag is what one could know at that time.
+    whose id names no send of the window before them when that latest send has no id
+    itself (a log whose sends carry no ids), while a send with an id is only answered by
+    its own id. Only opens at or before ``known_at`` count, so the flag is what one could
+    know at that time.
+
+    A send's flag depends only on the events of the attribution window around it (opens
+    up to a window after it, sends up to a window before those opens), so the flags of any
+    slice of sends equal those of the whole log: the feature state moves from one refresh
+    to the next by reading such slices (:mod:`features.state`).
     """
     window = f"INTERVAL '{int(round(window_hours * 3600))} seconds'"
+    # nothing after a window past the last send can answer one of them
+    horizon = min(known_at, until + timedelta(hours=window_hours))
     return f"""
     WITH s AS (
         SELECT user_id, ts, message_id, {slot_expr(slot_kind)} AS slot, local_hour, local_dow
@@ -49,15 +57,15 @@ def attributed_sends_sql(
     ),
     o AS (
         SELECT user_id, ts, message_id FROM events
-        WHERE event = 'open' AND ts > {_ts(since)} AND ts <= {_ts(known_at)}
+        WHERE event = 'open' AND ts > {_ts(since)} AND ts <= {_ts(horizon)}
     ),
     s_all AS (
         SELECT user_id, ts, message_id FROM events
-        WHERE event = 'send' AND ts > {_ts(since)} - {window} AND ts <= {_ts(known_at)}
+        WHERE event = 'send' AND ts > {_ts(since)} - {window} AND ts <= {_ts(horizon)}
     ),
     o_by_time AS (
-        SELECT o.* FROM o ANTI JOIN (SELECT user_id, message_id FROM s_all WHERE message_id IS NOT NULL) x
-          ON o.user_id = x.user_id AND o.message_id = x.message_id
+        SELECT o.* FROM o ANTI JOIN (SELECT user_id, ts, message_id FROM s_all WHERE message_id IS NOT NULL) x
+          ON o.user_id = x.user_id AND o.message_id = x.message_id AND x.ts <= o.ts AND x.ts >= o.ts - {window}
     ),
     by_id AS (
         SELECT DISTINCT s.user_id, s.ts FROM s JOIN o

@@ -7,9 +7,14 @@ declarations instead of parsing column names.
 
 Three kinds, by how they reach the log:
 
-- :class:`ScanFamily`: SQL aggregates over ``events`` up to T, all families' aggregates
-  computed in one shared scan of the log (one pass over 100M rows, not one per family);
-- :class:`QueryFamily`: a query of its own (distinct active days, open streaks, reachability);
+- :class:`ScanFamily`: aggregates over ``events`` up to T, each one of four kinds
+  (:class:`Count` or :class:`Sum` over a window ending at T, :class:`Last`/:class:`First`
+  event time, :class:`Ever`); all families' aggregates run in one shared scan of the log,
+  and because each kind says how it combines, the feature state
+  (:mod:`features.state`) can move them from one refresh to the next from the events in
+  between instead of re-reading the whole log;
+- :class:`StateFamily`: columns kept by a handler of their own in :mod:`features.state`
+  (distinct active days, open streaks, reachability);
 - :class:`DerivedFamily`: arithmetic on columns of the other families.
 """
 
@@ -22,12 +27,11 @@ from datetime import datetime, timedelta
 import pandas as pd
 
 from configs import Config
-from features.attribution import attributed_sends_sql
-from features.events import EventLog
 
-__all__ = ["COUNTED_EVENTS", "Column", "DerivedFamily", "QueryFamily", "ScanFamily", "active_days_column",
+__all__ = ["COUNTED_EVENTS", "Aggregate", "Column", "Count", "DerivedFamily", "Ever", "First", "Last", "ScanFamily",
+           "StateFamily", "Sum", "active_days_column",
            "check_declarations", "count_column", "days_since_column", "describe_features", "feature_catalog", "phrase",
-           "scalar_families", "scalar_features", "sql_ts"]
+           "scalar_families", "sql_ts"]
 
 # events counted per window, in this order
 COUNTED_EVENTS: tuple[str, ...] = ("open", "session", "send", "purchase", "click")
@@ -74,27 +78,68 @@ class Column:
 
 
 @dataclass(frozen=True)
+class Count:
+    """Events matching ``condition`` (SQL over ``events``) in the ``window`` up to T (None:
+    the whole history). Additive: the count at T' is the count at T, plus the events in
+    (T, T'], minus those that left the window."""
+
+    condition: str
+    window: timedelta | None = None
+
+
+@dataclass(frozen=True)
+class Sum:
+    """The sum of ``expr`` over events matching ``condition`` in the ``window`` up to T."""
+
+    expr: str
+    condition: str
+    window: timedelta | None = None
+
+
+@dataclass(frozen=True)
+class Last:
+    """Days from the last event matching ``condition`` to T (missing: none yet)."""
+
+    condition: str
+
+
+@dataclass(frozen=True)
+class First:
+    """Days from the first event matching ``condition`` to T (missing: none yet)."""
+
+    condition: str
+
+
+@dataclass(frozen=True)
+class Ever:
+    """1 when any event up to T matches ``condition``."""
+
+    condition: str
+
+
+Aggregate = Count | Sum | Last | First | Ever
+
+
+@dataclass(frozen=True)
 class ScanFamily:
     """Aggregates over ``events`` (ts <= T) grouped by user, run in the shared scan."""
 
     name: str
     events: tuple[str, ...]
-    aggregates: Callable[[Config, str], list[tuple[Column, str]]]   # (cfg, T as SQL) -> (column, SQL)
+    aggregates: Callable[[Config], list[tuple[Column, Aggregate]]]
     fill: float | None = 0.0          # value for users without rows (None: keep missing)
 
     def columns(self, cfg: Config) -> list[Column]:
-        return [c for c, _ in self.aggregates(cfg, "T")]
+        return [c for c, _ in self.aggregates(cfg)]
 
 
 @dataclass(frozen=True)
-class QueryFamily:
-    """A query of its own returning ``user_id`` and the family's columns."""
+class StateFamily:
+    """Columns computed by the feature state's handler of the same name (:mod:`features.state`)."""
 
     name: str
     events: tuple[str, ...]
     declare: Callable[[Config], list[Column]]
-    query: Callable[[Config, datetime], str]
-    fill: float | None = 0.0
 
     def columns(self, cfg: Config) -> list[Column]:
         return self.declare(cfg)
@@ -113,76 +158,63 @@ class DerivedFamily:
         return self.declare(cfg)
 
 
-Family = ScanFamily | QueryFamily | DerivedFamily
+Family = ScanFamily | StateFamily | DerivedFamily
 
 
 # --------------------------------------------------------------------------- declarations
 
-def _counts(cfg: Config, t: str) -> list[tuple[Column, str]]:
+def _counts(cfg: Config) -> list[tuple[Column, Aggregate]]:
     out = []
     for days in cfg.features.frequency_windows_days:
         for event in COUNTED_EVENTS:
             noun = _NOUNS[event]
             out.append((Column(count_column(event, days), f"{noun} in the {days} days up to T",
                                lambda v, n=noun, d=days: f"{v:.0f} {n} in the last {d} days"),
-                        f"count(*) FILTER (WHERE event = '{event}' AND ts > {t} - INTERVAL {days} DAY)"))
+                        Count(f"event = '{event}'", timedelta(days=days))))
     return out
 
 
-def _fatigue(cfg: Config, t: str) -> list[tuple[Column, str]]:
+def _fatigue(cfg: Config) -> list[tuple[Column, Aggregate]]:
     return [(Column(f"sends_last_{h}h", f"messages received in the {h} hours up to T",
                     lambda v, h=h: f"{v:.0f} messages received in the last {h} h"),
-             f"count(*) FILTER (WHERE event = 'send' AND ts > {t} - INTERVAL {h} HOUR)")
+             Count("event = 'send'", timedelta(hours=h)))
             for h in cfg.features.fatigue_windows_hours]
 
 
-def _recency(cfg: Config, t: str) -> list[tuple[Column, str]]:
+def _recency(cfg: Config) -> list[tuple[Column, Aggregate]]:
     rows = [(what, cond, seen, never) for what, cond, seen, never in _RECENCY]
     rows.append(("engagement", f"event IN ({cfg.labels.engagement_sql()})", "no activity for {d}",
                  "never active"))
-    out = []
+    out: list[tuple[Column, Aggregate]] = []
     for what, cond, seen, never in rows:
         out.append((Column(days_since_column(what), f"days since the last {what} event (missing: never)",
                            lambda v, s=seen, n=never: s.format(d=_days(v)) if v == v else n),
-                    f"date_diff('second', max(ts) FILTER (WHERE {cond}), {t}) / 86400.0"))
+                    Last(cond)))
     out.append((Column("days_since_first_event", "days since the user's first event of any kind",
                        lambda v: f"first seen {_days(v)} ago" if v == v else "never seen"),
-                f"date_diff('second', min(ts), {t}) / 86400.0"))
+                First("true")))
     return out
 
 
-def _value(cfg: Config, t: str) -> list[tuple[Column, str]]:
+def _value(cfg: Config) -> list[tuple[Column, Aggregate]]:
     longest = max(cfg.features.frequency_windows_days)
     return [(Column(f"value_{longest}d", f"purchase value in the {longest} days up to T",
                     lambda v, d=longest: f"purchases worth {v:.0f} in the last {d} days"),
-             f"sum(value) FILTER (WHERE event = 'purchase' AND ts > {t} - INTERVAL {longest} DAY)")]
+             Sum("coalesce(value, 0)", "event = 'purchase'", timedelta(days=longest)))]
 
 
-def _bookkeeping(cfg: Config, t: str) -> list[tuple[Column, str]]:
+def _bookkeeping(cfg: Config) -> list[tuple[Column, Aggregate]]:
     return [(Column("unsubscribed", "1 when the user ever unsubscribed",
                     lambda v: "unsubscribed" if v > 0 else "subscribed"),
-             "CAST(bool_or(event = 'unsubscribe') AS DOUBLE)"),
+             Ever("event = 'unsubscribe'")),
             (Column("n_events", "events of any kind up to T (bookkeeping, not a model input)"),
-             "count(*)")]
+             Count("true"))]
 
 
 def _active_days_columns(cfg: Config) -> list[Column]:
     return [Column(active_days_column(d), f"distinct days with an engagement event in the last {d} days",
                    lambda v, d=d: f"{v:.0f} active days in the last {d} days")
             for d in cfg.features.frequency_windows_days]
-
-
-def _active_days_query(cfg: Config, as_of: datetime) -> str:
-    t = sql_ts(as_of)
-    longest = max(cfg.features.frequency_windows_days)
-    counts = ", ".join(f"count(*) FILTER (WHERE day > CAST({t} - INTERVAL {d} DAY AS DATE)) AS "
-                       f"{active_days_column(d)}" for d in cfg.features.frequency_windows_days)
-    # distinct days are costly inside the big aggregate: count them over (user, day) pairs
-    return f"""SELECT user_id, {counts}
-        FROM (SELECT DISTINCT user_id, CAST(ts AS DATE) AS day FROM events
-              WHERE event IN ({cfg.labels.engagement_sql()}) AND ts <= {t}
-                AND ts > {t} - INTERVAL {longest + 1} DAY)
-        GROUP BY user_id"""
 
 
 def _response_columns(cfg: Config) -> list[Column]:
@@ -194,38 +226,6 @@ def _response_columns(cfg: Config) -> list[Column]:
         out.append(Column(f"matured_opened_{d}d", "of which opened",
                           lambda v, d=d: f"{v:.0f} messages opened in the last {d} days"))
     return out
-
-
-def _response_query(cfg: Config, as_of: datetime) -> str:
-    window_h = cfg.labels.open_attribution_hours
-    since = as_of - timedelta(days=cfg.features.history_days)
-    matured = sql_ts(as_of - timedelta(hours=window_h))
-    windows = ", ".join(
-        f"count(*) FILTER (WHERE a.ts <= {matured} AND a.ts > {matured} - INTERVAL {d} DAY) AS matured_sends_{d}d, "
-        f"count(*) FILTER (WHERE a.opened AND a.ts <= {matured} AND a.ts > {matured} - INTERVAL {d} DAY)"
-        f" AS matured_opened_{d}d"
-        for d in cfg.features.frequency_windows_days)
-    return f"""WITH a AS ({attributed_sends_sql(since, as_of, as_of, window_h, cfg.slots.kind)}),
-        last_open AS (SELECT user_id, max(ts) FILTER (WHERE opened) AS last_opened FROM a GROUP BY 1)
-        SELECT a.user_id,
-               count(*) FILTER (WHERE l.last_opened IS NULL OR a.ts > l.last_opened) AS consecutive_unopened,
-               {windows}
-        FROM a LEFT JOIN last_open l USING (user_id)
-        GROUP BY a.user_id"""
-
-
-def _reachability_query(cfg: Config, as_of: datetime) -> str:
-    t = sql_ts(as_of)
-    # no message reaches a user who unsubscribed after their last send, from that send's
-    # channel (or from every channel: an unsubscribe without one); a later send means they
-    # came back
-    return f"""WITH last_send AS (
-                SELECT user_id, max(ts) AS ts, arg_max(channel, ts) AS channel
-                FROM events WHERE event = 'send' AND ts <= {t} GROUP BY user_id)
-            SELECT DISTINCT u.user_id, 1.0 AS unreachable
-            FROM events u LEFT JOIN last_send s USING (user_id)
-            WHERE u.event = 'unsubscribe' AND u.ts <= {t} AND (s.ts IS NULL OR u.ts > s.ts)
-              AND (u.channel IS NULL OR s.channel IS NULL OR u.channel = s.channel)"""
 
 
 def _trend_columns(cfg: Config) -> list[Column]:
@@ -264,14 +264,12 @@ def scalar_families() -> tuple[Family, ...]:
         ScanFamily("recency", ("open", "session", "purchase", "send", "click"), _recency, fill=None),
         ScanFamily("value", ("purchase",), _value),
         ScanFamily("bookkeeping", ("unsubscribe",), _bookkeeping),
-        QueryFamily("active_days", ("open", "click", "purchase", "session"), _active_days_columns,
-                    _active_days_query),
-        QueryFamily("reachability", ("send", "unsubscribe"),
+        StateFamily("active_days", ("open", "click", "purchase", "session"), _active_days_columns),
+        StateFamily("reachability", ("send", "unsubscribe"),
                     lambda cfg: [Column("unreachable", "1 when the user unsubscribed after their last send",
                                         lambda v: "unsubscribed since the last message" if v > 0
-                                        else "still receives messages")],
-                    _reachability_query),
-        QueryFamily("response", ("send", "open"), _response_columns, _response_query),
+                                        else "still receives messages")]),
+        StateFamily("response", ("send", "open"), _response_columns),
         DerivedFamily("trends", ("open", "session", "send"), _trend_columns, _trends),
     )
 
@@ -314,33 +312,6 @@ def describe_features(cfg: Config) -> pd.DataFrame:
     rows = [{"family": f.name, "column": c.name, "meaning": c.meaning, "events": ", ".join(f.events)}
             for f in scalar_families() for c in f.columns(cfg)]
     return pd.DataFrame(rows)
-
-
-# --------------------------------------------------------------------------- the join
-
-def scalar_features(log: EventLog, as_of: datetime, cfg: Config, user_ids: pd.Index) -> pd.DataFrame:
-    """Every user-level family as of ``as_of``, one row per user of ``user_ids``."""
-    t = sql_ts(as_of)
-    families = scalar_families()
-    scans = [(f, f.aggregates(cfg, t)) for f in families if isinstance(f, ScanFamily)]
-    select = ", ".join(f"{sql} AS {col.name}" for _, pairs in scans for col, sql in pairs)
-    parts = [log.query_df(f"SELECT user_id, {select} FROM events WHERE ts <= {t} GROUP BY user_id")
-             .set_index("user_id")]
-    fills: dict[str, float | None] = {c.name: f.fill for f, pairs in scans for c, _ in pairs}
-    for family in families:
-        if isinstance(family, QueryFamily):
-            parts.append(log.query_df(family.query(cfg, as_of)).set_index("user_id"))
-            fills.update({c.name: family.fill for c in family.columns(cfg)})
-    out = pd.concat(parts, axis=1).reindex(user_ids)
-    for name, fill in fills.items():
-        if fill is not None:
-            out[name] = out[name].fillna(fill)
-    out = out.astype(float)
-    for family in families:
-        if isinstance(family, DerivedFamily):
-            for name, values in family.derive(out, cfg).items():
-                out[name] = values.astype(float)
-    return out
 
 
 def check_declarations(cfg: Config) -> None:

@@ -15,15 +15,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import numpy as np
 import pandas as pd
 
 from configs import Config
-from features.attribution import attributed_sends_sql, slot_expr
 from features.events import EventLog
-from features.families import scalar_features, sql_ts
+from features.families import sql_ts
+from features.state import SLOT_COUNTS, FeatureState, build_state, scalar_frame
 
 __all__ = [
     "SLOT_FAMILIES",
@@ -36,7 +36,9 @@ __all__ = [
     "POPULATION",
     "circular_smooth",
     "population_priors_at",
+    "user_attributes",
     "user_universe",
+    "counts_of",
 ]
 
 logger = logging.getLogger(__name__)
@@ -168,71 +170,41 @@ class UserMatrix:
 
 # --------------------------------------------------------------------------- universe
 
+def user_attributes(log: EventLog, user_ids: pd.Index) -> pd.DataFrame:
+    """Time zone, signup time and attributes of ``user_ids`` (in that order) from the users table."""
+    attrs = "".join(f', u."{a}"' for a in log.attribute_columns + log.numeric_attributes)
+    log.con.register("wanted_ids", pd.DataFrame({"user_id": np.asarray(user_ids, dtype=object),
+                                                 "_pos": np.arange(len(user_ids))}))
+    try:
+        frame = log.query_df(
+            f"""SELECT w.user_id, coalesce(u.timezone, '{log.default_timezone}') AS timezone, u.signup_ts{attrs}
+                FROM wanted_ids w LEFT JOIN users u USING (user_id) ORDER BY w._pos""")
+    finally:
+        log.con.unregister("wanted_ids")
+    return frame.set_index("user_id")
+
+
 def user_universe(log: EventLog, as_of: datetime, user_ids: pd.Index | None = None) -> pd.DataFrame:
     """Everyone known at ``as_of`` (signed up by then, or seen in the log by then), or
     exactly ``user_ids`` when given (their attributes from the users table)."""
-    attrs = "".join(f', u."{a}"' for a in log.attribute_columns + log.numeric_attributes)
-    if user_ids is not None:
-        log.con.register("wanted_ids", pd.DataFrame({"user_id": pd.Series(user_ids, dtype=str)}))
-        ids_sql = "SELECT DISTINCT user_id FROM wanted_ids"
-    else:
-        ids_sql = f"""SELECT user_id FROM users WHERE signup_ts IS NULL OR signup_ts <= {sql_ts(as_of)}
-            UNION
-            SELECT DISTINCT user_id FROM events WHERE ts <= {sql_ts(as_of)}"""
-    frame = log.query_df(
-        f"""
-        WITH ids AS ({ids_sql})
-        SELECT ids.user_id, coalesce(u.timezone, '{log.default_timezone}') AS timezone,
-               u.signup_ts{attrs}
-        FROM ids LEFT JOIN users u USING (user_id)
-        ORDER BY ids.user_id
-        """
-    )
-    return frame.set_index("user_id")
+    if user_ids is None:
+        t = sql_ts(as_of)
+        ids = log.query_df(f"""SELECT user_id FROM users WHERE signup_ts IS NULL OR signup_ts <= {t}
+            UNION SELECT DISTINCT user_id FROM events WHERE ts <= {t} ORDER BY user_id""")["user_id"]
+        user_ids = pd.Index(ids.to_numpy(dtype=object))
+    return user_attributes(log, pd.Index(user_ids).unique())
 
 
 # --------------------------------------------------------------------------- families
 
+def counts_of(state: FeatureState) -> SlotCounts:
+    """The state's per-slot counts as :class:`SlotCounts` (float, for the pooling)."""
+    return SlotCounts(user_ids=state.user_ids, **{k: state.slots[k].astype(np.float64) for k in SLOT_COUNTS})
+
+
 def slot_counts(log: EventLog, as_of: datetime, cfg: Config, user_ids: pd.Index) -> SlotCounts:
     """Per-slot sends/opened (matured sends only), sessions and opens by their own hour."""
-    n_slots = cfg.slots.n_slots
-    window_h = cfg.labels.open_attribution_hours
-    since = as_of - timedelta(days=cfg.features.history_days)
-    # a send younger than the attribution window has an unknown outcome: keep it out of rates
-    matured = as_of - timedelta(hours=window_h)
-    sends = log.query_df(
-        f"""SELECT user_id, slot, count(*) AS n, sum(CAST(opened AS INTEGER)) AS k
-        FROM ({attributed_sends_sql(since, matured, as_of, window_h, cfg.slots.kind)})
-        GROUP BY ALL"""
-    )
-    acts = log.query_df(
-        f"""SELECT user_id, {slot_expr(cfg.slots.kind)} AS slot,
-               count(*) FILTER (WHERE event = 'session') AS sessions,
-               count(*) FILTER (WHERE event = 'open') AS opens_at,
-               count(*) FILTER (WHERE event = 'purchase') AS purchases_at
-        FROM events_local
-        WHERE event IN ('session', 'open', 'purchase') AND ts > {sql_ts(since)} AND ts <= {sql_ts(as_of)}
-        GROUP BY ALL"""
-    )
-    shape = (len(user_ids), n_slots)
-
-    def dense(frame: pd.DataFrame, column: str) -> np.ndarray:
-        out = np.zeros(shape, dtype=np.float64)
-        if len(frame):
-            rows = user_ids.get_indexer(frame["user_id"])
-            ok = rows >= 0
-            np.add.at(out, (rows[ok], frame["slot"].to_numpy()[ok].astype(int)),
-                      frame[column].to_numpy()[ok].astype(float))
-        return out
-
-    return SlotCounts(
-        user_ids=user_ids.to_numpy(),
-        sends=dense(sends, "n"),
-        opened=dense(sends, "k"),
-        sessions=dense(acts, "sessions"),
-        opens_at=dense(acts, "opens_at"),
-        purchases_at=dense(acts, "purchases_at"),
-    )
+    return counts_of(build_state(log, as_of, cfg)).take(pd.Index(user_ids))
 
 
 def _engagement_profile(counts: SlotCounts) -> np.ndarray:
@@ -351,8 +323,7 @@ POPULATION = "everyone known at the snapshot (signed up or seen in the log by th
 
 def population_priors_at(log: EventLog, as_of: datetime, cfg: Config) -> PopulationPriors:
     """The priors of :data:`POPULATION` at ``as_of``."""
-    everyone = user_universe(log, as_of).index
-    return population_priors(slot_counts(log, as_of, cfg, everyone), cfg, POPULATION)
+    return population_priors(counts_of(build_state(log, as_of, cfg)), cfg, POPULATION)
 
 
 def build_matrix(
@@ -361,6 +332,7 @@ def build_matrix(
     cfg: Config,
     priors: PopulationPriors | None = None,
     user_ids: pd.Index | None = None,
+    state: FeatureState | None = None,
 ) -> tuple[UserMatrix, PopulationPriors]:
     """Everything known about each user at ``as_of`` (events with ts <= as_of only).
 
@@ -369,7 +341,9 @@ def build_matrix(
     population, everyone known at ``as_of`` (:data:`POPULATION`), whoever ``user_ids``
     asks for: a user's features never depend on who else is in the call (training asks
     for the users sent to in the following week, scoring for everyone). Pass ``priors``
-    when building a chunk of users of a population whose priors are already known.
+    when building a chunk of users of a population whose priors are already known, and
+    ``state`` when the feature state as of ``as_of`` is at hand (the incremental refresh
+    moves yesterday's forward instead of reading the whole log).
     """
     clock = time.perf_counter()
 
@@ -379,20 +353,21 @@ def build_matrix(
         logger.debug("features as of %s: %s in %.1f s", as_of, name, now - clock)
         clock = now
 
-    universe = user_universe(log, as_of, user_ids)
-    ids = universe.index
-    stage(f"{len(ids)} users")
+    if state is None:
+        state = build_state(log, as_of, cfg)
+    elif state.as_of != as_of:
+        raise ValueError(f"the feature state is as of {state.as_of}, not {as_of}")
+    stage(f"feature state of {len(state)} users")
     if priors is None:
-        everyone = ids if user_ids is None else user_universe(log, as_of).index
-        population_counts = slot_counts(log, as_of, cfg, everyone)
-        priors = population_priors(population_counts, cfg, POPULATION)
-        counts = population_counts if user_ids is None else population_counts.take(ids)
-    else:
-        counts = slot_counts(log, as_of, cfg, ids)
-    stage("per-slot counts")
+        priors = population_priors(counts_of(state), cfg, POPULATION)
+    if user_ids is not None:
+        state = state.take(pd.Index(user_ids).unique())
+    counts = counts_of(state)
+    universe = user_attributes(log, state.index)
+    stage("population priors and attributes")
     families, user_rate = slot_features(counts, priors, cfg)
     stage("per-slot pooling")
-    scalars = scalar_features(log, as_of, cfg, ids)
+    scalars = scalar_frame(state, cfg)
     stage("recency, frequency, fatigue, trends")
     scalars["user_open_rate"] = user_rate
     scalars["utc_offset_hours"] = _utc_offset_hours(universe["timezone"], as_of)
@@ -400,11 +375,11 @@ def build_matrix(
     scalars["tenure_days"] = ((pd.Timestamp(as_of) - signup).dt.total_seconds() / 86400).to_numpy()
     scalars["session_entropy"] = _entropy(counts.sessions + counts.opens_at)
     scalars["has_history"] = (scalars["n_events"] > 0).astype(float)
-    scalars["timezone"] = universe["timezone"].astype(str)
+    scalars["timezone"] = universe["timezone"].astype(str).to_numpy()
     for attr in log.attribute_columns:
-        scalars[attr] = universe[attr].astype("string")
+        scalars[attr] = universe[attr].astype("string").to_numpy()
     for attr in log.numeric_attributes:
-        scalars[attr] = universe[attr].astype(float)
+        scalars[attr] = universe[attr].astype(float).to_numpy()
     matrix = UserMatrix(as_of=as_of, n_slots=cfg.slots.n_slots, scalars=scalars, slots=families,
                         attributes=("timezone",) + log.attribute_columns)
     return matrix, priors

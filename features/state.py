@@ -1,0 +1,620 @@
+"""The feature state: every user's additive aggregates as of T, from which every feature
+is derived, and which moves from one refresh to the next from the events in between.
+
+A feature as of T is a function of aggregates over windows that end at T (counts, sums,
+last and first event times, distinct active days, attributed sends by slot). Each kind
+says how it moves from T to T' > T without the rest of the log:
+
+- a count or sum over (T - w, T]: plus the events in (T, T'], minus those in
+  (T - w, T' - w] (or, when T' - T >= w, simply the events in (T' - w, T']);
+- a last (first) event time: the later (earlier) of the old one and the new events';
+- distinct active days: a bit per user and date, shifted, plus the new events' dates;
+- the open streak and reachability: the old values, corrected by the sends, opens and
+  unsubscribes after T (an open can only answer a send of the attribution window before
+  it, so only sends of (T - window, T'] can change their outcome).
+
+So :func:`advance` reads the events of (T - window, T'] and a few one-day slices where
+windows start, not 90 days of history, and gives exactly the state :func:`build_state`
+computes from the whole log at T' (integer counts exactly; sums of purchase values to
+float rounding), as long as the log before T did not change (:func:`log_fingerprint`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from configs import Config, SendtimeError, write_atomic
+from features.attribution import attributed_sends_sql, slot_expr
+from features.events import EventLog
+from features.families import (
+    Count,
+    DerivedFamily,
+    Ever,
+    First,
+    Last,
+    ScanFamily,
+    StateFamily,
+    Sum,
+    active_days_column,
+    scalar_families,
+    sql_ts,
+)
+
+__all__ = ["FeatureState", "IncrementalMismatch", "SLOT_COUNTS", "advance", "build_state", "config_fingerprint",
+           "log_fingerprint", "read_state", "scalar_frame", "write_state"]
+
+logger = logging.getLogger(__name__)
+
+# raw per-slot counts the per-slot families are derived from
+SLOT_COUNTS = ("sends", "opened", "sessions", "opens_at", "purchases_at")
+NONE_LATE = -(2**62)     # µs: "no such event" for a last-time aggregate (combined with max)
+NONE_EARLY = 2**62       # ... and for a first-time aggregate (combined with min)
+STATE_DIR = "feature_state"
+US_PER_DAY = 86_400_000_000
+
+
+class IncrementalMismatch(SendtimeError, ValueError):
+    """The saved state cannot be moved forward (other configuration, or the log changed)."""
+
+
+@dataclass
+class FeatureState:
+    """Every user's aggregates as of ``as_of``; rows follow the sorted ``user_ids``."""
+
+    as_of: datetime
+    user_ids: np.ndarray                                     # sorted str ids
+    scan: dict[str, np.ndarray] = field(default_factory=dict)      # scan-family aggregates by column
+    slots: dict[str, np.ndarray] = field(default_factory=dict)     # SLOT_COUNTS -> (n, n_slots) int32
+    active: np.ndarray | None = None         # (n, longest window) uint8: engagement on each date up to T
+    last_opened: np.ndarray | None = None    # µs of the last opened send of the history window
+    streak: np.ndarray | None = None         # sends since it (of the history window)
+    history_sends: np.ndarray | None = None  # sends of the history window
+    matured: dict[str, np.ndarray] = field(default_factory=dict)   # matured_sends_{d}d / matured_opened_{d}d
+    last_send: np.ndarray | None = None      # µs of the last send up to T
+    last_send_channel: np.ndarray | None = None
+    unreachable: np.ndarray | None = None    # bool
+    fills: dict[str, int | float] = field(default_factory=dict)    # scan column -> value of "no events"
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def index(self) -> pd.Index:
+        if getattr(self, "_index", None) is None or len(self._index) != len(self.user_ids):
+            self._index = pd.Index(self.user_ids, name="user_id")
+        return self._index
+
+    def take(self, user_ids: pd.Index) -> "FeatureState":
+        """The rows of ``user_ids`` (users the state does not know get an empty row)."""
+        rows = self.index.get_indexer(user_ids)
+        return _reindex(self, np.asarray(user_ids, dtype=object), rows)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _us(value: datetime) -> int:
+    return int(pd.Timestamp(value).value // 1000)
+
+
+def _windows(cfg: Config) -> tuple[timedelta, timedelta, int]:
+    """(history window, attribution window, longest frequency window in days)."""
+    return (timedelta(days=cfg.features.history_days), timedelta(hours=cfg.labels.open_attribution_hours),
+            max(cfg.features.frequency_windows_days))
+
+
+def _scan_aggregates(cfg: Config) -> list[tuple[str, Count | Sum | Last | First | Ever]]:
+    return [(c.name, agg) for f in scalar_families() if isinstance(f, ScanFamily) for c, agg in f.aggregates(cfg)]
+
+
+def _positions(index: pd.Index, values: pd.Series | np.ndarray) -> np.ndarray:
+    """Row of each id in ``index`` (-1 when absent)."""
+    return index.get_indexer(np.asarray(values, dtype=object))
+
+
+def _reindex(state: FeatureState, ids: np.ndarray, rows: np.ndarray) -> FeatureState:
+    found = rows >= 0
+
+    def pick(values: np.ndarray | None, empty: object = 0) -> np.ndarray | None:
+        if values is None:
+            return None
+        out = np.full((len(rows),) + values.shape[1:], empty, dtype=values.dtype)
+        out[found] = values[rows[found]]
+        return out
+
+    scan = {name: pick(values, state.fills.get(name, 0)) for name, values in state.scan.items()}
+    return FeatureState(
+        as_of=state.as_of, user_ids=ids, scan=scan,
+        slots={k: pick(v) for k, v in state.slots.items()},
+        active=pick(state.active), last_opened=pick(state.last_opened, NONE_LATE), streak=pick(state.streak),
+        history_sends=pick(state.history_sends), matured={k: pick(v) for k, v in state.matured.items()},
+        last_send=pick(state.last_send, NONE_LATE), last_send_channel=pick(state.last_send_channel, None),
+        unreachable=pick(state.unreachable, False), fills=dict(state.fills))
+
+
+def _dense(ids: np.ndarray, frame: pd.DataFrame, column: str, dtype, fill=0) -> np.ndarray:
+    out = np.full(len(ids), fill, dtype=dtype)
+    if len(frame):
+        pos = frame["_pos"].to_numpy()
+        ok = pos >= 0
+        values = frame[column].to_numpy()
+        if dtype is object:
+            out[pos[ok]] = values[ok]
+        else:
+            out[pos[ok]] = np.asarray(values[ok], dtype=float if np.dtype(dtype).kind == "f" else None).astype(dtype)
+    return out
+
+
+def _with_pos(index: pd.Index, frame: pd.DataFrame) -> pd.DataFrame:
+    frame["_pos"] = _positions(index, frame["user_id"]) if len(frame) else np.zeros(0, dtype=np.int64)
+    return frame
+
+
+def _add_slots(out: np.ndarray, ids: np.ndarray, frame: pd.DataFrame, column: str) -> None:
+    if not len(frame):
+        return
+    pos = frame["_pos"].to_numpy()
+    ok = pos >= 0
+    np.add.at(out, (pos[ok], frame["slot"].to_numpy()[ok].astype(np.int64)),
+              frame[column].to_numpy()[ok].astype(out.dtype))
+
+
+# --------------------------------------------------------------------------- the full build
+
+def _universe_ids(log: EventLog, as_of: datetime, event_users: np.ndarray) -> np.ndarray:
+    signed = log.query_df(f"SELECT user_id FROM users WHERE signup_ts IS NULL OR signup_ts <= {sql_ts(as_of)}")
+    return np.unique(np.concatenate([np.asarray(event_users, dtype=object),
+                                     signed["user_id"].to_numpy(dtype=object)])).astype(object)
+
+
+def build_state(log: EventLog, as_of: datetime, cfg: Config) -> FeatureState:
+    """Every known user's aggregates as of ``as_of`` from the whole log (events ts <= T)."""
+    clock = time.perf_counter()
+
+    def stage(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        logger.debug("feature state as of %s: %s in %.1f s", as_of, name, now - clock)
+        clock = now
+
+    t = sql_ts(as_of)
+    aggs = _scan_aggregates(cfg)
+    select = ", ".join(f"{_full_sql(agg, as_of)} AS \"{name}\"" for name, agg in aggs)
+    scan = log.query_df(f"SELECT user_id, {select} FROM events WHERE ts <= {t} GROUP BY user_id")
+    stage("shared scan")
+    ids = _universe_ids(log, as_of, scan["user_id"].to_numpy(dtype=object))
+    state = FeatureState(as_of=as_of, user_ids=ids, fills={name: _dtype_of(agg)[1] for name, agg in aggs})
+    _with_pos(state.index, scan)
+    for name, agg in aggs:
+        state.scan[name] = _dense(ids, scan, name, *_dtype_of(agg))
+    del scan
+    stage(f"universe of {len(ids)} users")
+    history, window, longest = _windows(cfg)
+    n_slots = cfg.slots.n_slots
+    index = state.index
+    acts = _with_pos(index, log.query_df(_activity_sql(cfg, [(as_of - history, as_of, 1)])))
+    for name in ("sessions", "opens_at", "purchases_at"):
+        state.slots[name] = np.zeros((len(ids), n_slots), dtype=np.int32)
+        _add_slots(state.slots[name], ids, acts, name)
+    del acts
+    stage("per-slot activity")
+    _attributed_full(log, as_of, cfg, state)
+    stage("attributed sends")
+    state.active = np.zeros((len(ids), longest), dtype=np.uint8)
+    _mark_active(log, state, as_of - timedelta(days=longest + 1), as_of, as_of, cfg)
+    stage("active days")
+    _reach_full(log, as_of, state)
+    stage("reachability")
+    return state
+
+
+def _dtype_of(agg) -> tuple:
+    if isinstance(agg, Last):
+        return (np.int64, NONE_LATE)
+    if isinstance(agg, First):
+        return (np.int64, NONE_EARLY)
+    if isinstance(agg, Ever):
+        return (np.int8, 0)
+    if isinstance(agg, Sum):
+        return (np.float64, 0.0)
+    return (np.int64, 0)
+
+
+def _full_sql(agg, as_of: datetime) -> str:
+    t = sql_ts(as_of)
+    if isinstance(agg, Count | Sum):
+        cond = agg.condition + (f" AND ts > {t} - INTERVAL '{int(agg.window.total_seconds())} seconds'"
+                                if agg.window is not None else "")
+        if isinstance(agg, Count):
+            return f"count(*) FILTER (WHERE {cond})"
+        return f"coalesce(sum({agg.expr}) FILTER (WHERE {cond}), 0)"
+    if isinstance(agg, Last):
+        return f"coalesce(epoch_us(max(ts) FILTER (WHERE {agg.condition})), {NONE_LATE})"
+    if isinstance(agg, First):
+        return f"coalesce(epoch_us(min(ts) FILTER (WHERE {agg.condition})), {NONE_EARLY})"
+    return f"CAST(bool_or({agg.condition}) AS INTEGER)"
+
+
+def _activity_sql(cfg: Config, parts: list[tuple[datetime, datetime, int]]) -> str:
+    """Sessions, opens and purchases by (user, slot) over signed time ranges (a, b]."""
+    ranges = " OR ".join(f"(ts > {sql_ts(a)} AND ts <= {sql_ts(b)})" for a, b, _ in parts)
+    sign = "1" if len(parts) == 1 else (
+        "CASE " + " ".join(f"WHEN ts > {sql_ts(a)} AND ts <= {sql_ts(b)} THEN {s}" for a, b, s in parts) + " END")
+    return f"""SELECT user_id, {slot_expr(cfg.slots.kind)} AS slot,
+               coalesce(sum({sign}) FILTER (WHERE event = 'session'), 0) AS sessions,
+               coalesce(sum({sign}) FILTER (WHERE event = 'open'), 0) AS opens_at,
+               coalesce(sum({sign}) FILTER (WHERE event = 'purchase'), 0) AS purchases_at
+        FROM events_local
+        WHERE event IN ('session', 'open', 'purchase') AND ({ranges})
+        GROUP BY ALL"""
+
+
+def _attributed_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState) -> None:
+    history, window, _ = _windows(cfg)
+    ids, index, n_slots = state.user_ids, state.index, cfg.slots.n_slots
+    since, matured = as_of - history, as_of - window
+    sends = attributed_sends_sql(since, as_of, as_of, window.total_seconds() / 3600, cfg.slots.kind)
+    log.con.execute(f"CREATE OR REPLACE TEMP TABLE _attributed AS SELECT user_id, ts, slot, opened FROM ({sends})")
+    try:
+        by_slot = _with_pos(index, log.query_df(
+            f"""SELECT user_id, slot, count(*) AS n, count(*) FILTER (WHERE opened) AS k
+                FROM _attributed WHERE ts <= {sql_ts(matured)} GROUP BY ALL"""))
+        state.slots["sends"] = np.zeros((len(ids), n_slots), dtype=np.int32)
+        state.slots["opened"] = np.zeros((len(ids), n_slots), dtype=np.int32)
+        _add_slots(state.slots["sends"], ids, by_slot, "n")
+        _add_slots(state.slots["opened"], ids, by_slot, "k")
+        del by_slot
+        windows = ", ".join(
+            f"count(*) FILTER (WHERE a.ts <= {sql_ts(matured)} AND a.ts > {sql_ts(_matured_floor(as_of, cfg, d))}) "
+            f"AS s{d}, count(*) FILTER (WHERE a.opened AND a.ts <= {sql_ts(matured)} "
+            f"AND a.ts > {sql_ts(_matured_floor(as_of, cfg, d))}) AS o{d}"
+            for d in cfg.features.frequency_windows_days)
+        users = _with_pos(index, log.query_df(
+            f"""WITH lo AS (SELECT user_id, max(ts) FILTER (WHERE opened) AS last_opened FROM _attributed GROUP BY 1)
+                SELECT a.user_id, coalesce(epoch_us(any_value(l.last_opened)), {NONE_LATE}) AS last_opened,
+                       count(*) FILTER (WHERE l.last_opened IS NULL OR a.ts > l.last_opened) AS streak,
+                       count(*) AS history_sends, {windows}
+                FROM _attributed a LEFT JOIN lo l USING (user_id) GROUP BY a.user_id"""))
+    finally:
+        log.con.execute("DROP TABLE IF EXISTS _attributed")
+    state.last_opened = _dense(ids, users, "last_opened", np.int64, NONE_LATE)
+    state.streak = _dense(ids, users, "streak", np.int64)
+    state.history_sends = _dense(ids, users, "history_sends", np.int64)
+    for d in cfg.features.frequency_windows_days:
+        state.matured[f"matured_sends_{d}d"] = _dense(ids, users, f"s{d}", np.int64)
+        state.matured[f"matured_opened_{d}d"] = _dense(ids, users, f"o{d}", np.int64)
+
+
+def _matured_floor(as_of: datetime, cfg: Config, days: int) -> datetime:
+    """Matured sends of the last ``days`` days start after this (inside the history window)."""
+    history, window, _ = _windows(cfg)
+    return max(as_of - history, as_of - window - timedelta(days=days))
+
+
+def _mark_active(log: EventLog, state: FeatureState, since: datetime, until: datetime, as_of: datetime,
+                 cfg: Config) -> None:
+    """Set the active-date bits of engagement events in (since, until] (dates up to as_of's)."""
+    longest = state.active.shape[1]
+    last_day = pd.Timestamp(as_of).normalize()
+    first_day = last_day - pd.Timedelta(days=longest - 1)
+    days = _with_pos(state.index, log.query_df(
+        f"""SELECT DISTINCT user_id, date_diff('day', DATE '{first_day.date()}', CAST(ts AS DATE)) AS j
+            FROM events WHERE event IN ({cfg.labels.engagement_sql()})
+              AND ts > {sql_ts(since)} AND ts <= {sql_ts(until)} AND CAST(ts AS DATE) >= DATE '{first_day.date()}'"""))
+    if len(days):
+        j = days["j"].to_numpy()
+        ok = (days["_pos"].to_numpy() >= 0) & (j >= 0) & (j < longest)
+        state.active[days["_pos"].to_numpy()[ok], j[ok]] = 1
+
+
+def _reach_full(log: EventLog, as_of: datetime, state: FeatureState) -> None:
+    t = sql_ts(as_of)
+    ids, index = state.user_ids, state.index
+    sends = _with_pos(index, log.query_df(
+        f"""SELECT user_id, epoch_us(max(ts)) AS ts, arg_max(channel, ts) AS channel
+            FROM events WHERE event = 'send' AND ts <= {t} GROUP BY user_id"""))
+    state.last_send = _dense(ids, sends, "ts", np.int64, NONE_LATE)
+    state.last_send_channel = _dense(ids, sends, "channel", object, None)
+    unsubs = _with_pos(index, log.query_df(
+        f"""WITH last_send AS (
+                SELECT user_id, max(ts) AS ts, arg_max(channel, ts) AS channel
+                FROM events WHERE event = 'send' AND ts <= {t} GROUP BY user_id)
+            SELECT DISTINCT u.user_id, 1 AS flag
+            FROM events u LEFT JOIN last_send s USING (user_id)
+            WHERE u.event = 'unsubscribe' AND u.ts <= {t} AND (s.ts IS NULL OR u.ts > s.ts)
+              AND (u.channel IS NULL OR s.channel IS NULL OR u.channel = s.channel)"""))
+    state.unreachable = _dense(ids, unsubs, "flag", np.int8).astype(bool)
+
+
+# --------------------------------------------------------------------------- moving forward
+
+def advance(log: EventLog, state: FeatureState, as_of: datetime, cfg: Config) -> FeatureState:
+    """The state as of ``as_of`` (> state.as_of) from ``state`` and the events after it.
+
+    Reads the events of (T - attribution window, T'] and the slices where windows start;
+    the result equals :func:`build_state` at ``as_of`` when the log before T is unchanged.
+    """
+    old_t, new_t = state.as_of, as_of
+    if new_t <= old_t:
+        raise IncrementalMismatch(f"the saved feature state is as of {old_t}, not before {new_t}")
+    delta = new_t - old_t
+    history, window, longest = _windows(cfg)
+    if delta >= history or delta >= timedelta(days=longest):
+        raise IncrementalMismatch(f"{delta} since the saved state is longer than the feature windows")
+    clock = time.perf_counter()
+    t0, t1 = sql_ts(old_t), sql_ts(new_t)
+    # the universe: old users, users of the new events, and new signups
+    aggs = _scan_aggregates(cfg)
+    slide_ranges: list[tuple[datetime, datetime]] = []
+    parts = []
+    for name, agg in aggs:
+        parts.append(f"{_delta_sql(agg, old_t, new_t, slide_ranges)} AS \"{name}\"")
+    where = " OR ".join([f"(ts > {t0} AND ts <= {t1})"]
+                        + [f"(ts > {sql_ts(a)} AND ts <= {sql_ts(b)})" for a, b in dict.fromkeys(slide_ranges)])
+    scan = log.query_df(f"SELECT user_id, {', '.join(parts)} FROM events WHERE {where} GROUP BY user_id")
+    new_users = log.query_df(f"SELECT DISTINCT user_id FROM events WHERE ts > {t0} AND ts <= {t1}")
+    ids = _universe_ids(log, new_t, np.concatenate([state.user_ids, new_users["user_id"].to_numpy(dtype=object)]))
+    moved = _reindex(state, ids, state.index.get_indexer(ids))
+    moved.as_of = new_t
+    index = moved.index
+    _with_pos(index, scan)
+    for name, agg in aggs:
+        old = moved.scan[name]
+        if isinstance(agg, Last):
+            new = _dense(ids, scan, name, np.int64, NONE_LATE)
+            moved.scan[name] = np.maximum(old, new)
+        elif isinstance(agg, First):
+            new = _dense(ids, scan, name, np.int64, NONE_EARLY)
+            moved.scan[name] = np.minimum(old, new)
+        elif isinstance(agg, Ever):
+            moved.scan[name] = np.maximum(old, _dense(ids, scan, name, np.int8))
+        else:
+            dtype, _ = _dtype_of(agg)
+            change = _dense(ids, scan, name, dtype)
+            fresh = agg.window is not None and delta >= agg.window
+            moved.scan[name] = change if fresh else old + change
+    del scan
+    logger.debug("feature state %s -> %s: scan in %.1f s", old_t, new_t, time.perf_counter() - clock)
+    # per-slot activity of the history window: plus (T, T'], minus (T - H, T' - H]
+    acts = _with_pos(index, log.query_df(_activity_sql(cfg, [(old_t, new_t, 1), (old_t - history, new_t - history, -1)])))
+    for name in ("sessions", "opens_at", "purchases_at"):
+        _add_slots(moved.slots[name], ids, acts, name)
+    del acts
+    _attributed_advance(log, moved, old_t, new_t, cfg, state)
+    # active dates: shift by the days T' moved, then mark the new events' dates
+    shift = (pd.Timestamp(new_t).normalize() - pd.Timestamp(old_t).normalize()).days
+    if shift:
+        kept = moved.active[:, shift:]
+        moved.active = np.concatenate([kept, np.zeros((len(ids), shift), dtype=np.uint8)], axis=1)
+    _mark_active(log, moved, old_t, new_t, new_t, cfg)
+    _reach_advance(log, moved, old_t, new_t)
+    logger.debug("feature state %s -> %s in %.1f s", old_t, new_t, time.perf_counter() - clock)
+    return moved
+
+
+def _delta_sql(agg, old_t: datetime, new_t: datetime, slide_ranges: list) -> str:
+    t0 = sql_ts(old_t)
+    if isinstance(agg, Last):
+        return f"coalesce(epoch_us(max(ts) FILTER (WHERE {agg.condition} AND ts > {t0})), {NONE_LATE})"
+    if isinstance(agg, First):
+        return f"coalesce(epoch_us(min(ts) FILTER (WHERE {agg.condition} AND ts > {t0})), {NONE_EARLY})"
+    if isinstance(agg, Ever):
+        return f"CAST(coalesce(bool_or({agg.condition}) FILTER (WHERE ts > {t0}), false) AS INTEGER)"
+    value = "1" if isinstance(agg, Count) else agg.expr
+    zero = "0" if isinstance(agg, Count) else "0.0"
+    if agg.window is None:
+        return f"coalesce(sum({value}) FILTER (WHERE {agg.condition} AND ts > {t0}), {zero})"
+    if new_t - old_t >= agg.window:
+        return f"coalesce(sum({value}) FILTER (WHERE {agg.condition} AND ts > {sql_ts(new_t - agg.window)}), {zero})"
+    a, b = old_t - agg.window, new_t - agg.window
+    slide_ranges.append((a, b))
+    return (f"coalesce(sum({value}) FILTER (WHERE {agg.condition} AND ts > {t0}), {zero}) - "
+            f"coalesce(sum({value}) FILTER (WHERE {agg.condition} AND ts > {sql_ts(a)} AND ts <= {sql_ts(b)}), {zero})")
+
+
+def _attributed_slice(log: EventLog, cfg: Config, since: datetime, until: datetime, known_at: datetime) -> pd.DataFrame:
+    window = cfg.labels.open_attribution_hours
+    return log.query_df(
+        f"""SELECT user_id, epoch_us(ts) AS ts, slot, opened
+            FROM ({attributed_sends_sql(since, until, known_at, window, cfg.slots.kind)})""")
+
+
+def _attributed_advance(log: EventLog, moved: FeatureState, old_t: datetime, new_t: datetime, cfg: Config,
+                        before: FeatureState) -> None:
+    history, window, _ = _windows(cfg)
+    ids, index = moved.user_ids, moved.index
+    # sends whose outcome may have changed since T, and the new ones, flagged as known at T'
+    recent = _with_pos(index, _attributed_slice(log, cfg, old_t - window, new_t, new_t))
+    # sends leaving the history window, flagged as they were at T (final: long matured)
+    gone = _with_pos(index, _attributed_slice(log, cfg, old_t - history, new_t - history, new_t - history + window))
+    m0, m1 = _us(old_t - window), _us(new_t - window)
+    # per-slot matured sends: plus (T - w, T' - w], minus (T - H, T' - H]
+    add = recent[(recent["ts"] > m0) & (recent["ts"] <= m1)]
+    sign_slots(moved, add, +1)
+    sign_slots(moved, gone, -1)
+    # matured windows: plus (M, M'], minus (floor_d(T), floor_d(T')]
+    for d in cfg.features.frequency_windows_days:
+        lo0, lo1 = _matured_floor(old_t, cfg, d), _matured_floor(new_t, cfg, d)
+        if lo1 > lo0:
+            left = _with_pos(index, _attributed_slice(log, cfg, lo0, lo1, lo1 + window))
+        else:
+            left = recent.iloc[:0]
+        for key, frame, sign in ((f"matured_sends_{d}d", add, 1), (f"matured_sends_{d}d", left, -1)):
+            np.add.at(moved.matured[key], frame["_pos"].to_numpy(), sign)
+        for key, frame, sign in ((f"matured_opened_{d}d", add[add["opened"]], 1),
+                                 (f"matured_opened_{d}d", left[left["opened"]], -1)):
+            np.add.at(moved.matured[key], frame["_pos"].to_numpy(), sign)
+    # sends of the history window
+    np.add.at(moved.history_sends, recent.loc[recent["ts"] > _us(old_t), "_pos"].to_numpy(), 1)
+    np.add.at(moved.history_sends, gone["_pos"].to_numpy(), -1)
+    # the open streak: a send of (T - window, T'] opened by T' is the new last opened one
+    opened = recent[recent["opened"]]
+    last_new = np.full(len(ids), NONE_LATE, dtype=np.int64)
+    if len(opened):
+        np.maximum.at(last_new, opened["_pos"].to_numpy(), opened["ts"].to_numpy())
+    has_new = last_new != NONE_LATE
+    floor = _us(new_t - history)
+    still = ~has_new & (moved.last_opened != NONE_LATE) & (moved.last_opened > floor)
+    new_sends = recent["ts"].to_numpy() > _us(old_t)
+    streak = np.zeros(len(ids), dtype=np.int64)
+    # users with a newly opened send: the recent sends after it
+    pos, ts = recent["_pos"].to_numpy(), recent["ts"].to_numpy()
+    after = has_new[pos] & (ts > last_new[pos])
+    np.add.at(streak, pos[after], 1)
+    # users whose last opened send is still in the window: the old streak plus the new sends
+    streak[still] = moved.streak[still]
+    np.add.at(streak, pos[new_sends & still[pos]], 1)
+    # users with no opened send in the window: every send of it
+    none = ~has_new & ~still
+    streak[none] = moved.history_sends[none]
+    moved.streak = streak
+    moved.last_opened = np.where(has_new, last_new, np.where(still, moved.last_opened, NONE_LATE))
+
+
+def sign_slots(state: FeatureState, frame: pd.DataFrame, sign: int) -> None:
+    if not len(frame):
+        return
+    pos, slot = frame["_pos"].to_numpy(), frame["slot"].to_numpy().astype(np.int64)
+    np.add.at(state.slots["sends"], (pos, slot), sign)
+    opened = frame["opened"].to_numpy(dtype=bool)
+    np.add.at(state.slots["opened"], (pos[opened], slot[opened]), sign)
+
+
+def _reach_advance(log: EventLog, moved: FeatureState, old_t: datetime, new_t: datetime) -> None:
+    t0, t1 = sql_ts(old_t), sql_ts(new_t)
+    index = moved.index
+    sends = _with_pos(index, log.query_df(
+        f"""SELECT user_id, epoch_us(max(ts)) AS ts, arg_max(channel, ts) AS channel
+            FROM events WHERE event = 'send' AND ts > {t0} AND ts <= {t1} GROUP BY user_id"""))
+    if len(sends):
+        pos = sends["_pos"].to_numpy()
+        moved.last_send[pos] = sends["ts"].to_numpy()
+        moved.last_send_channel[pos] = sends["channel"].to_numpy(dtype=object)
+        moved.unreachable[pos] = False   # a later send: only unsubscribes after it count
+    unsubs = _with_pos(index, log.query_df(
+        f"""SELECT user_id, epoch_us(ts) AS ts, channel FROM events
+            WHERE event = 'unsubscribe' AND ts > {t0} AND ts <= {t1}"""))
+    if len(unsubs):
+        pos = unsubs["_pos"].to_numpy()
+        last, ch = moved.last_send[pos], moved.last_send_channel[pos]
+        uch = unsubs["channel"].to_numpy(dtype=object)
+        after = (last == NONE_LATE) | (unsubs["ts"].to_numpy() > last)
+        match = pd.isna(uch) | pd.isna(ch) | (uch == ch)
+        moved.unreachable[pos[after & match]] = True
+
+
+# --------------------------------------------------------------------------- features from the state
+
+def scalar_frame(state: FeatureState, cfg: Config) -> pd.DataFrame:
+    """Every user-level family's columns (as in :func:`features.families.scalar_families`)."""
+    t_us = _us(state.as_of)
+    columns: dict[str, np.ndarray] = {}
+    for family in scalar_families():
+        if isinstance(family, ScanFamily):
+            for column, agg in family.aggregates(cfg):
+                values = state.scan[column.name]
+                if isinstance(agg, Last | First):
+                    none = NONE_LATE if isinstance(agg, Last) else NONE_EARLY
+                    # whole seconds, like DuckDB's date_diff('second', ...): the models were trained so
+                    days = (t_us // 1_000_000 - values // 1_000_000) / 86_400
+                    columns[column.name] = np.where(values == none, np.nan, days)
+                else:
+                    columns[column.name] = values.astype(float)
+        elif isinstance(family, StateFamily):
+            columns.update(_state_columns(family.name, state, cfg))
+    out = pd.DataFrame(columns, index=pd.Index(state.user_ids, name="user_id"))
+    for family in scalar_families():
+        if isinstance(family, DerivedFamily):
+            for name, values in family.derive(out, cfg).items():
+                out[name] = values.astype(float)
+    return out
+
+
+def _state_columns(name: str, state: FeatureState, cfg: Config) -> dict[str, np.ndarray]:
+    if name == "active_days":
+        longest = state.active.shape[1]
+        return {active_days_column(d): state.active[:, longest - d:].sum(axis=1, dtype=np.int64).astype(float)
+                for d in cfg.features.frequency_windows_days}
+    if name == "reachability":
+        return {"unreachable": state.unreachable.astype(float)}
+    if name == "response":
+        out = {"consecutive_unopened": state.streak.astype(float)}
+        for d in cfg.features.frequency_windows_days:
+            out[f"matured_sends_{d}d"] = state.matured[f"matured_sends_{d}d"].astype(float)
+            out[f"matured_opened_{d}d"] = state.matured[f"matured_opened_{d}d"].astype(float)
+        return out
+    raise KeyError(f"no state handler for the feature family {name!r}")
+
+
+# --------------------------------------------------------------------------- on disk
+
+def config_fingerprint(cfg: Config) -> str:
+    """What the state depends on in the configuration (slots, labels, feature windows)."""
+    relevant = {"slots": cfg.slots.model_dump(mode="json"), "labels": cfg.labels.model_dump(mode="json"),
+                "features": cfg.features.model_dump(mode="json", exclude={"materialize_max_rows",
+                                                                          "duckdb_memory_limit"})}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def log_fingerprint(log: EventLog, as_of: datetime) -> dict:
+    """The events up to ``as_of`` and the users table, summarised: a state may only move
+    forward on a log whose past is unchanged (same rows up to T, same users)."""
+    t = sql_ts(as_of)
+    n, h = log.con.execute(
+        f"SELECT count(*), coalesce(sum(hash(user_id, ts, event, message_id, channel, value)), 0)"
+        f" FROM events WHERE ts <= {t}").fetchall()[0]
+    u, uh = log.con.execute("SELECT count(*), coalesce(sum(hash(user_id, timezone, signup_ts)), 0) FROM users"
+                            ).fetchall()[0]
+    return {"events_up_to_as_of": int(n), "events_hash": str(h), "users": int(u), "users_hash": str(uh)}
+
+
+def write_state(folder: Path, state: FeatureState, cfg: Config, fingerprint: dict) -> Path:
+    """The state under ``folder/feature_state/`` (arrays in one .npz, ids in Parquet)."""
+    target = Path(folder) / STATE_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {f"scan__{k}": v for k, v in state.scan.items()}
+    arrays.update({f"slots__{k}": v for k, v in state.slots.items()})
+    arrays.update({f"matured__{k}": v for k, v in state.matured.items()})
+    arrays.update(active=state.active, last_opened=state.last_opened, streak=state.streak,
+                  history_sends=state.history_sends, last_send=state.last_send,
+                  unreachable=state.unreachable)
+    write_atomic(target / "arrays.npz", lambda tmp: _savez(tmp, arrays))
+    ids = pd.DataFrame({"user_id": state.user_ids.astype(str),
+                        "last_send_channel": pd.Series(state.last_send_channel, dtype="string")})
+    write_atomic(target / "users.parquet", lambda tmp: ids.to_parquet(tmp, index=False))
+    meta = {"as_of": state.as_of.isoformat(), "config": config_fingerprint(cfg), "log": fingerprint,
+            "n_users": len(state)}
+    write_atomic(target / "state.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+    return target
+
+
+def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def read_state(folder: Path) -> tuple[FeatureState, dict]:
+    """The state saved under ``folder`` and its metadata (config and log fingerprints)."""
+    target = Path(folder) / STATE_DIR
+    meta = json.loads((target / "state.json").read_text())
+    ids = pd.read_parquet(target / "users.parquet")
+    with np.load(target / "arrays.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    channel = ids["last_send_channel"].astype(object).where(ids["last_send_channel"].notna(), None).to_numpy()
+    state = FeatureState(
+        as_of=datetime.fromisoformat(meta["as_of"]), user_ids=ids["user_id"].to_numpy(dtype=object),
+        scan={k[6:]: v for k, v in arrays.items() if k.startswith("scan__")},
+        slots={k[7:]: v for k, v in arrays.items() if k.startswith("slots__")},
+        matured={k[9:]: v for k, v in arrays.items() if k.startswith("matured__")},
+        active=arrays["active"], last_opened=arrays["last_opened"], streak=arrays["streak"],
+        history_sends=arrays["history_sends"], last_send=arrays["last_send"], last_send_channel=channel,
+        unreachable=arrays["unreachable"].astype(bool))
+    return state, meta
