@@ -50,7 +50,7 @@ from features.families import (
 )
 
 __all__ = ["FeatureState", "IncrementalMismatch", "SLOT_COUNTS", "advance", "build_state", "config_fingerprint",
-           "log_fingerprint", "read_state", "scalar_frame", "write_state"]
+           "log_fingerprints", "read_state", "scalar_frame", "write_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,16 +141,27 @@ def _reindex(state: FeatureState, ids: np.ndarray, rows: np.ndarray) -> FeatureS
 
 
 def _dense(ids: np.ndarray, frame: pd.DataFrame, column: str, dtype, fill=0) -> np.ndarray:
+    """One value per state row from a frame with ``_pos``; rows it lacks (and NULLs) get ``fill``."""
     out = np.full(len(ids), fill, dtype=dtype)
     if len(frame):
         pos = frame["_pos"].to_numpy()
         ok = pos >= 0
-        values = frame[column].to_numpy()
+        values = frame[column]
         if dtype is object:
-            out[pos[ok]] = values[ok]
+            out[pos[ok]] = values.to_numpy()[ok]
         else:
-            out[pos[ok]] = np.asarray(values[ok], dtype=float if np.dtype(dtype).kind == "f" else None).astype(dtype)
+            out[pos[ok]] = values.fillna(fill).to_numpy()[ok].astype(dtype)
     return out
+
+
+def _query_pos(log: EventLog, state: FeatureState, sql: str) -> pd.DataFrame:
+    """``sql``'s rows with each user's row in the state (``_pos``) instead of the id: the
+    join runs in DuckDB, so millions of (user, slot) rows never become Python strings."""
+    log.con.register("_universe", pd.DataFrame({"user_id": state.user_ids, "_pos": np.arange(len(state))}))
+    try:
+        return log.query_df(f"SELECT q.* EXCLUDE (user_id), u._pos FROM ({sql}) q JOIN _universe u USING (user_id)")
+    finally:
+        log.con.unregister("_universe")
 
 
 def _with_pos(index: pd.Index, frame: pd.DataFrame) -> pd.DataFrame:
@@ -158,22 +169,15 @@ def _with_pos(index: pd.Index, frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _add_slots(out: np.ndarray, ids: np.ndarray, frame: pd.DataFrame, column: str) -> None:
+def _add_slots(out: np.ndarray, frame: pd.DataFrame, column: str) -> None:
+    """Add a grouped (user, slot) result: each pair once, so plain fancy indexing adds right."""
     if not len(frame):
         return
-    pos = frame["_pos"].to_numpy()
-    ok = pos >= 0
-    np.add.at(out, (pos[ok], frame["slot"].to_numpy()[ok].astype(np.int64)),
-              frame[column].to_numpy()[ok].astype(out.dtype))
+    pos, slot = frame["_pos"].to_numpy(), frame["slot"].to_numpy().astype(np.int64)
+    out[pos, slot] += frame[column].to_numpy().astype(out.dtype)
 
 
 # --------------------------------------------------------------------------- the full build
-
-def _universe_ids(log: EventLog, as_of: datetime, event_users: np.ndarray) -> np.ndarray:
-    signed = log.query_df(f"SELECT user_id FROM users WHERE signup_ts IS NULL OR signup_ts <= {sql_ts(as_of)}")
-    return np.unique(np.concatenate([np.asarray(event_users, dtype=object),
-                                     signed["user_id"].to_numpy(dtype=object)])).astype(object)
-
 
 def build_state(log: EventLog, as_of: datetime, cfg: Config) -> FeatureState:
     """Every known user's aggregates as of ``as_of`` from the whole log (events ts <= T)."""
@@ -188,22 +192,30 @@ def build_state(log: EventLog, as_of: datetime, cfg: Config) -> FeatureState:
     t = sql_ts(as_of)
     aggs = _scan_aggregates(cfg)
     select = ", ".join(f"{_full_sql(agg, as_of)} AS \"{name}\"" for name, agg in aggs)
-    scan = log.query_df(f"SELECT user_id, {select} FROM events WHERE ts <= {t} GROUP BY user_id")
-    stage("shared scan")
-    ids = _universe_ids(log, as_of, scan["user_id"].to_numpy(dtype=object))
+    # the scan's users and those signed up by T are the universe, in id order
+    scan = log.query_df(
+        f"""WITH s AS (SELECT user_id, {select},
+                              epoch_us(max(ts) FILTER (WHERE event = 'send')) AS _last_send,
+                              arg_max(channel, ts) FILTER (WHERE event = 'send') AS _last_send_channel
+                       FROM events WHERE ts <= {t} GROUP BY user_id),
+                 u AS (SELECT user_id FROM users WHERE signup_ts IS NULL OR signup_ts <= {t})
+            SELECT * FROM s FULL OUTER JOIN u USING (user_id) ORDER BY user_id""")
+    ids = scan["user_id"].to_numpy(dtype=object)
+    scan["_pos"] = np.arange(len(ids))
     state = FeatureState(as_of=as_of, user_ids=ids, fills={name: _dtype_of(agg)[1] for name, agg in aggs})
-    _with_pos(state.index, scan)
     for name, agg in aggs:
         state.scan[name] = _dense(ids, scan, name, *_dtype_of(agg))
+    state.last_send = _dense(ids, scan, "_last_send", np.int64, NONE_LATE)
+    state.last_send_channel = scan["_last_send_channel"].astype(object).where(
+        scan["_last_send_channel"].notna(), None).to_numpy()
     del scan
-    stage(f"universe of {len(ids)} users")
+    stage(f"shared scan of {len(ids)} users")
     history, window, longest = _windows(cfg)
     n_slots = cfg.slots.n_slots
-    index = state.index
-    acts = _with_pos(index, log.query_df(_activity_sql(cfg, [(as_of - history, as_of, 1)])))
+    acts = _query_pos(log, state, _activity_sql(cfg, [(as_of - history, as_of, 1)]))
     for name in ("sessions", "opens_at", "purchases_at"):
         state.slots[name] = np.zeros((len(ids), n_slots), dtype=np.int32)
-        _add_slots(state.slots[name], ids, acts, name)
+        _add_slots(state.slots[name], acts, name)
     del acts
     stage("per-slot activity")
     _attributed_full(log, as_of, cfg, state)
@@ -259,30 +271,30 @@ def _activity_sql(cfg: Config, parts: list[tuple[datetime, datetime, int]]) -> s
 
 def _attributed_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState) -> None:
     history, window, _ = _windows(cfg)
-    ids, index, n_slots = state.user_ids, state.index, cfg.slots.n_slots
+    ids, n_slots = state.user_ids, cfg.slots.n_slots
     since, matured = as_of - history, as_of - window
     sends = attributed_sends_sql(since, as_of, as_of, window.total_seconds() / 3600, cfg.slots.kind)
     log.con.execute(f"CREATE OR REPLACE TEMP TABLE _attributed AS SELECT user_id, ts, slot, opened FROM ({sends})")
     try:
-        by_slot = _with_pos(index, log.query_df(
+        by_slot = _query_pos(log, state,
             f"""SELECT user_id, slot, count(*) AS n, count(*) FILTER (WHERE opened) AS k
-                FROM _attributed WHERE ts <= {sql_ts(matured)} GROUP BY ALL"""))
+                FROM _attributed WHERE ts <= {sql_ts(matured)} GROUP BY ALL""")
         state.slots["sends"] = np.zeros((len(ids), n_slots), dtype=np.int32)
         state.slots["opened"] = np.zeros((len(ids), n_slots), dtype=np.int32)
-        _add_slots(state.slots["sends"], ids, by_slot, "n")
-        _add_slots(state.slots["opened"], ids, by_slot, "k")
+        _add_slots(state.slots["sends"], by_slot, "n")
+        _add_slots(state.slots["opened"], by_slot, "k")
         del by_slot
         windows = ", ".join(
             f"count(*) FILTER (WHERE a.ts <= {sql_ts(matured)} AND a.ts > {sql_ts(_matured_floor(as_of, cfg, d))}) "
             f"AS s{d}, count(*) FILTER (WHERE a.opened AND a.ts <= {sql_ts(matured)} "
             f"AND a.ts > {sql_ts(_matured_floor(as_of, cfg, d))}) AS o{d}"
             for d in cfg.features.frequency_windows_days)
-        users = _with_pos(index, log.query_df(
+        users = _query_pos(log, state,
             f"""WITH lo AS (SELECT user_id, max(ts) FILTER (WHERE opened) AS last_opened FROM _attributed GROUP BY 1)
                 SELECT a.user_id, coalesce(epoch_us(any_value(l.last_opened)), {NONE_LATE}) AS last_opened,
                        count(*) FILTER (WHERE l.last_opened IS NULL OR a.ts > l.last_opened) AS streak,
                        count(*) AS history_sends, {windows}
-                FROM _attributed a LEFT JOIN lo l USING (user_id) GROUP BY a.user_id"""))
+                FROM _attributed a LEFT JOIN lo l USING (user_id) GROUP BY a.user_id""")
     finally:
         log.con.execute("DROP TABLE IF EXISTS _attributed")
     state.last_opened = _dense(ids, users, "last_opened", np.int64, NONE_LATE)
@@ -305,10 +317,10 @@ def _mark_active(log: EventLog, state: FeatureState, since: datetime, until: dat
     longest = state.active.shape[1]
     last_day = pd.Timestamp(as_of).normalize()
     first_day = last_day - pd.Timedelta(days=longest - 1)
-    days = _with_pos(state.index, log.query_df(
+    days = _query_pos(log, state,
         f"""SELECT DISTINCT user_id, date_diff('day', DATE '{first_day.date()}', CAST(ts AS DATE)) AS j
             FROM events WHERE event IN ({cfg.labels.engagement_sql()})
-              AND ts > {sql_ts(since)} AND ts <= {sql_ts(until)} AND CAST(ts AS DATE) >= DATE '{first_day.date()}'"""))
+              AND ts > {sql_ts(since)} AND ts <= {sql_ts(until)} AND CAST(ts AS DATE) >= DATE '{first_day.date()}'""")
     if len(days):
         j = days["j"].to_numpy()
         ok = (days["_pos"].to_numpy() >= 0) & (j >= 0) & (j < longest)
@@ -316,22 +328,22 @@ def _mark_active(log: EventLog, state: FeatureState, since: datetime, until: dat
 
 
 def _reach_full(log: EventLog, as_of: datetime, state: FeatureState) -> None:
-    t = sql_ts(as_of)
-    ids, index = state.user_ids, state.index
-    sends = _with_pos(index, log.query_df(
-        f"""SELECT user_id, epoch_us(max(ts)) AS ts, arg_max(channel, ts) AS channel
-            FROM events WHERE event = 'send' AND ts <= {t} GROUP BY user_id"""))
-    state.last_send = _dense(ids, sends, "ts", np.int64, NONE_LATE)
-    state.last_send_channel = _dense(ids, sends, "channel", object, None)
-    unsubs = _with_pos(index, log.query_df(
-        f"""WITH last_send AS (
-                SELECT user_id, max(ts) AS ts, arg_max(channel, ts) AS channel
-                FROM events WHERE event = 'send' AND ts <= {t} GROUP BY user_id)
-            SELECT DISTINCT u.user_id, 1 AS flag
-            FROM events u LEFT JOIN last_send s USING (user_id)
-            WHERE u.event = 'unsubscribe' AND u.ts <= {t} AND (s.ts IS NULL OR u.ts > s.ts)
-              AND (u.channel IS NULL OR s.channel IS NULL OR u.channel = s.channel)"""))
-    state.unreachable = _dense(ids, unsubs, "flag", np.int8).astype(bool)
+    """Unreachable: an unsubscribe after the last send (from its channel, or any channel)."""
+    state.unreachable = np.zeros(len(state), dtype=bool)
+    unsubs = _query_pos(log, state, f"""SELECT user_id, epoch_us(ts) AS ts, channel FROM events
+                                        WHERE event = 'unsubscribe' AND ts <= {sql_ts(as_of)}""")
+    _mark_unsubscribes(state, unsubs)
+
+
+def _mark_unsubscribes(state: FeatureState, unsubs: pd.DataFrame) -> None:
+    if not len(unsubs):
+        return
+    pos = unsubs["_pos"].to_numpy()
+    last, ch = state.last_send[pos], state.last_send_channel[pos]
+    uch = unsubs["channel"].to_numpy(dtype=object)
+    after = (last == NONE_LATE) | (unsubs["ts"].to_numpy() > last)
+    match = pd.isna(uch) | pd.isna(ch) | (uch == ch)
+    state.unreachable[pos[after & match]] = True
 
 
 # --------------------------------------------------------------------------- moving forward
@@ -360,9 +372,13 @@ def advance(log: EventLog, state: FeatureState, as_of: datetime, cfg: Config) ->
     where = " OR ".join([f"(ts > {t0} AND ts <= {t1})"]
                         + [f"(ts > {sql_ts(a)} AND ts <= {sql_ts(b)})" for a, b in dict.fromkeys(slide_ranges)])
     scan = log.query_df(f"SELECT user_id, {', '.join(parts)} FROM events WHERE {where} GROUP BY user_id")
-    new_users = log.query_df(f"SELECT DISTINCT user_id FROM events WHERE ts > {t0} AND ts <= {t1}")
-    ids = _universe_ids(log, new_t, np.concatenate([state.user_ids, new_users["user_id"].to_numpy(dtype=object)]))
-    moved = _reindex(state, ids, state.index.get_indexer(ids))
+    # the universe grows by the users first seen (or signed up) after T
+    arrivals = log.query_df(f"""SELECT DISTINCT user_id FROM events WHERE ts > {t0} AND ts <= {t1}
+                               UNION SELECT user_id FROM users WHERE signup_ts > {t0} AND signup_ts <= {t1}""")
+    arrivals = arrivals["user_id"].to_numpy(dtype=object)
+    new_ids = np.sort(arrivals[state.index.get_indexer(arrivals) < 0])
+    ids = np.insert(state.user_ids, np.searchsorted(state.user_ids, new_ids), new_ids) if len(new_ids) else state.user_ids
+    moved = _reindex(state, ids, state.index.get_indexer(ids) if len(new_ids) else np.arange(len(ids)))
     moved.as_of = new_t
     index = moved.index
     _with_pos(index, scan)
@@ -384,9 +400,9 @@ def advance(log: EventLog, state: FeatureState, as_of: datetime, cfg: Config) ->
     del scan
     logger.debug("feature state %s -> %s: scan in %.1f s", old_t, new_t, time.perf_counter() - clock)
     # per-slot activity of the history window: plus (T, T'], minus (T - H, T' - H]
-    acts = _with_pos(index, log.query_df(_activity_sql(cfg, [(old_t, new_t, 1), (old_t - history, new_t - history, -1)])))
+    acts = _query_pos(log, moved, _activity_sql(cfg, [(old_t, new_t, 1), (old_t - history, new_t - history, -1)]))
     for name in ("sessions", "opens_at", "purchases_at"):
-        _add_slots(moved.slots[name], ids, acts, name)
+        _add_slots(moved.slots[name], acts, name)
     del acts
     _attributed_advance(log, moved, old_t, new_t, cfg, state)
     # active dates: shift by the days T' moved, then mark the new events' dates
@@ -499,16 +515,9 @@ def _reach_advance(log: EventLog, moved: FeatureState, old_t: datetime, new_t: d
         moved.last_send[pos] = sends["ts"].to_numpy()
         moved.last_send_channel[pos] = sends["channel"].to_numpy(dtype=object)
         moved.unreachable[pos] = False   # a later send: only unsubscribes after it count
-    unsubs = _with_pos(index, log.query_df(
-        f"""SELECT user_id, epoch_us(ts) AS ts, channel FROM events
-            WHERE event = 'unsubscribe' AND ts > {t0} AND ts <= {t1}"""))
-    if len(unsubs):
-        pos = unsubs["_pos"].to_numpy()
-        last, ch = moved.last_send[pos], moved.last_send_channel[pos]
-        uch = unsubs["channel"].to_numpy(dtype=object)
-        after = (last == NONE_LATE) | (unsubs["ts"].to_numpy() > last)
-        match = pd.isna(uch) | pd.isna(ch) | (uch == ch)
-        moved.unreachable[pos[after & match]] = True
+    unsubs = _query_pos(log, moved, f"""SELECT user_id, epoch_us(ts) AS ts, channel FROM events
+                                        WHERE event = 'unsubscribe' AND ts > {t0} AND ts <= {t1}""")
+    _mark_unsubscribes(moved, unsubs)
 
 
 # --------------------------------------------------------------------------- features from the state
@@ -564,16 +573,19 @@ def config_fingerprint(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def log_fingerprint(log: EventLog, as_of: datetime) -> dict:
-    """The events up to ``as_of`` and the users table, summarised: a state may only move
-    forward on a log whose past is unchanged (same rows up to T, same users)."""
-    t = sql_ts(as_of)
-    n, h = log.con.execute(
-        f"SELECT count(*), coalesce(sum(hash(user_id, ts, event, message_id, channel, value)), 0)"
-        f" FROM events WHERE ts <= {t}").fetchall()[0]
-    u, uh = log.con.execute("SELECT count(*), coalesce(sum(hash(user_id, timezone, signup_ts)), 0) FROM users"
-                            ).fetchall()[0]
-    return {"events_up_to_as_of": int(n), "events_hash": str(h), "users": int(u), "users_hash": str(uh)}
+def log_fingerprints(log: EventLog, times: list[datetime]) -> list[dict]:
+    """The log's summary up to each time, in one scan: the number of events and the sum of
+    their hashes (a changed, removed or added past event changes it), and the users table's.
+    A state may only move forward on a log whose past is unchanged."""
+    parts = ", ".join(f"count(*) FILTER (WHERE ts <= {sql_ts(t)}), "
+                      f"coalesce(sum(h) FILTER (WHERE ts <= {sql_ts(t)}), 0)" for t in times)
+    row = log.con.execute(
+        f"SELECT {parts} FROM (SELECT ts, hash(user_id, ts, event, message_id, channel, value) AS h FROM events)"
+    ).fetchall()[0]
+    users, users_hash = log.con.execute(
+        "SELECT count(*), coalesce(sum(hash(user_id, timezone, signup_ts)), 0) FROM users").fetchall()[0]
+    return [{"events_up_to_as_of": int(row[2 * i]), "events_hash": str(row[2 * i + 1]), "users": int(users),
+             "users_hash": str(users_hash)} for i in range(len(times))]
 
 
 def write_state(folder: Path, state: FeatureState, cfg: Config, fingerprint: dict) -> Path:
