@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 from configs import Config, atomic_path, resolve_as_of
 from features.events import EventLog
 from features.families import feature_catalog
-from features.matrix import build_matrix
 from features.snapshot import write_snapshot
+from features.state import write_state
 from serving.core import PriorTable, ScoringCore, cold_start_priors
+from serving.incremental import refresh_features
 from serving.models import Champions
 from serving.plan_rules import PLAN_SENDS_FILE, PLAN_USERS_FILE, load_history
 from serving.tagstore import (
@@ -67,6 +68,7 @@ class RefreshResult:
     versions: dict[str, str | None]
     missing: dict[str, str]
     publication: Publication
+    features: str = ""          # how the features were made: moved forward, or rebuilt and why
 
     @property
     def became_current(self) -> bool:
@@ -146,7 +148,7 @@ def _score_everyone(core: ScoringCore, cfg: Config, progress: bool):
 
 def refresh_tags(log_: EventLog, cfg: Config, champions: Champions, out: Path | None,
                  as_of: datetime | None = None, progress: bool = True, *, make_current: bool = False,
-                 lock: RefreshLock | None = None) -> RefreshResult:
+                 lock: RefreshLock | None = None, full: bool = False) -> RefreshResult:
     """The nightly job: features as of T, scores, tags, priors; published atomically.
 
     Holds the serving folder's refresh lock throughout (``lock``, when the caller took it
@@ -158,18 +160,22 @@ def refresh_tags(log_: EventLog, cfg: Config, champions: Champions, out: Path | 
     if lock is not None:
         lock.require(serving_dir)
     with nullcontext(lock) if lock is not None else refresh_lock(serving_dir) as held:
-        return _refresh_locked(log_, cfg, champions, out, as_of, progress, make_current, held)
+        return _refresh_locked(log_, cfg, champions, out, as_of, progress, make_current, held, full)
 
 
 def _refresh_locked(log_: EventLog, cfg: Config, champions: Champions, out: Path | None,
                     as_of: datetime | None, progress: bool, make_current: bool,
-                    lock: RefreshLock) -> RefreshResult:
+                    lock: RefreshLock, full: bool = False) -> RefreshResult:
     as_of = resolve_as_of(as_of, log_.max_ts)
     serving_dir = Path(cfg.serving.serving_dir)
     building, refresh_id = new_refresh_dir(serving_dir)
     try:
         log.info("building features of every user as of %s", as_of)
-        matrix, population = build_matrix(log_, as_of, cfg)
+        features = refresh_features(log_, as_of, cfg, serving_dir, full=full)
+        matrix, population = features.matrix, features.priors
+        write_state(building.root, features.state, cfg, features.fingerprint)
+        features_note = features.how
+        del features   # the state's arrays are on disk; the matrix is what scoring needs
         log.info("features ready: %d users; scoring %d slots each", len(matrix), matrix.n_slots)
         scored_at = datetime.now(timezone.utc)
         core = ScoringCore(champions, matrix, cfg)
@@ -183,7 +189,7 @@ def _refresh_locked(log_: EventLog, cfg: Config, champions: Champions, out: Path
             refresh_id=refresh_id, scored_at=scored_at.isoformat(),
             n_cold_start=int(tags["cold_start"].sum()), model_versions=champions.versions(),
             churn_tier_cutoffs=scores.cutoffs, missing_tasks=champions.missing,
-            events=log_.sources.get("events", ""))
+            events=log_.sources.get("events", ""), features=features_note)
         write_store(building, priors, manifest)
         # what the campaign rules need of each user, as of T, for POST /plan (the service
         # never reads the log): streaks, first seen, and the recent sends
@@ -205,4 +211,5 @@ def _refresh_locked(log_: EventLog, cfg: Config, champions: Champions, out: Path
     published = publication.paths
     return RefreshResult(tags_path=Path(out) if out else published.tags, refresh=published,
                          n_users=len(tags), n_cold_start=int(tags["cold_start"].sum()),
-                         versions=champions.versions(), missing=champions.missing, publication=publication)
+                         versions=champions.versions(), missing=champions.missing, publication=publication,
+                         features=features_note)
