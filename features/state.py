@@ -603,7 +603,8 @@ def write_state(folder: Path, state: FeatureState, cfg: Config, fingerprint: dic
                         "last_send_channel": pd.Series(state.last_send_channel, dtype="string")})
     write_atomic(target / "users.parquet", lambda tmp: ids.to_parquet(tmp, index=False))
     meta = {"as_of": state.as_of.isoformat(), "config": config_fingerprint(cfg), "log": fingerprint,
-            "n_users": len(state)}
+            "n_users": len(state), "fills": {k: (int(v) if isinstance(v, int | np.integer) else float(v))
+                                              for k, v in state.fills.items()}}
     write_atomic(target / "state.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     return target
 
@@ -628,5 +629,5 @@ def read_state(folder: Path) -> tuple[FeatureState, dict]:
         matured={k[9:]: v for k, v in arrays.items() if k.startswith("matured__")},
         active=arrays["active"], last_opened=arrays["last_opened"], streak=arrays["streak"],
         history_sends=arrays["history_sends"], last_send=arrays["last_send"], last_send_channel=channel,
-        unreachable=arrays["unreachable"].astype(bool))
+        unreachable=arrays["unreachable"].astype(bool), fills=dict(meta.get("fills", {})))
     return state, meta

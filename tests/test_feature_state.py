@@ -1,0 +1,154 @@
+"""The feature state moved forward equals the state rebuilt from the whole log, on the whole
+matrix; the refresh moves it only when the configuration matches and the log only grew."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from features.events import from_frames, open_log
+from features.matrix import build_matrix
+from features.state import advance, build_state, read_state, write_state
+from serving.incremental import refresh_features
+
+
+def assert_same_matrix(moved, rebuilt) -> None:
+    """Every scalar column and every per-slot family of two matrices, on every user."""
+    assert list(moved.user_ids) == list(rebuilt.user_ids)
+    a, b = moved.scalars, rebuilt.scalars
+    assert list(a.columns) == list(b.columns)
+    for column in a.columns:
+        if a[column].dtype.kind in "fiub":
+            # integer counts exactly; purchase values are float sums (rounding only)
+            tol = 1e-9 if column.startswith("value_") else 0.0
+            np.testing.assert_allclose(a[column].to_numpy(float), b[column].to_numpy(float), rtol=tol, atol=tol,
+                                       err_msg=column)
+        else:
+            assert (a[column].astype(str).to_numpy() == b[column].astype(str).to_numpy()).all(), column
+    assert moved.slots.keys() == rebuilt.slots.keys()
+    for family in moved.slots:
+        np.testing.assert_array_equal(moved.slots[family], rebuilt.slots[family], err_msg=family)
+
+
+@pytest.mark.parametrize("step_hours", [24, 7, 30])
+def test_a_state_moved_forward_equals_a_rebuild_on_the_whole_matrix(sim_dir, cfg, step_hours):
+    log = open_log(sim_dir / "events.parquet", sim_dir / "users.parquet")
+    t = (log.max_ts() - timedelta(days=4)).replace(minute=13, second=0, microsecond=0)
+    state = build_state(log, t, cfg)
+    for _ in range(3):
+        t += timedelta(hours=step_hours)
+        state = advance(log, state, t, cfg)
+        rebuilt = build_state(log, t, cfg)
+        assert list(state.user_ids) == list(rebuilt.user_ids)
+        moved_matrix, moved_priors = build_matrix(log, t, cfg, state=state)
+        matrix, priors = build_matrix(log, t, cfg, state=rebuilt)
+        assert_same_matrix(moved_matrix, matrix)
+        np.testing.assert_allclose(moved_priors.slot_rate, priors.slot_rate, rtol=0, atol=0)
+
+
+def _edge_log() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Hand-made edge cases: a late open flipping yesterday's send, an unsubscribe after
+    the last send (per channel and without one), a send that brings a user back, a new
+    user, a signup without events, purchases with values, sends without message ids."""
+    rows = [
+        # a: sent at 22:00 on day 1, opened (by id) at 02:00 on day 2: after T, inside the window
+        ("a", "2026-03-01 09:00", "session", None, None, None),
+        ("a", "2026-03-01 22:00", "send", "m1", "push", None),
+        ("a", "2026-03-02 02:00", "open", "m1", None, None),
+        ("a", "2026-03-02 03:00", "purchase", None, None, 19.99),
+        # b: unsubscribed from email after the last email send; then a push send on day 2
+        ("b", "2026-02-20 10:00", "send", "m2", "email", None),
+        ("b", "2026-02-25 10:00", "unsubscribe", None, "email", None),
+        ("b", "2026-03-02 10:00", "send", "m3", "push", None),
+        ("b", "2026-03-02 12:00", "unsubscribe", None, None, None),
+        # c: sends without ids, opened by time; one open a day later than its send
+        ("c", "2026-02-28 08:00", "send", None, None, None),
+        ("c", "2026-02-28 09:30", "open", None, None, None),
+        ("c", "2026-03-01 20:00", "send", None, None, None),
+        ("c", "2026-03-02 06:00", "open", None, None, None),
+        ("c", "2026-03-02 07:00", "click", None, None, 0.5),
+        # d: first seen after T
+        ("d", "2026-03-02 11:00", "session", None, None, None),
+        # e: old history leaving the 7- and 30-day windows
+        ("e", "2026-01-30 23:30", "session", None, None, None),
+        ("e", "2026-02-22 23:30", "purchase", None, None, 5.0),
+        ("e", "2026-02-23 00:30", "send", "m4", "push", None),
+    ]
+    events = pd.DataFrame(rows, columns=["user_id", "ts", "event", "message_id", "channel", "value"])
+    events["ts"] = pd.to_datetime(events["ts"]).dt.tz_localize("UTC")
+    users = pd.DataFrame({"user_id": ["a", "b", "c", "d", "e", "f"],
+                          "timezone": ["Asia/Shanghai", "UTC", "America/New_York", "Europe/Berlin", "UTC", "UTC"],
+                          "signup_ts": pd.to_datetime(["2026-01-01 00:00", "2026-01-01 00:00", "2026-01-01 00:00", "2026-03-02 10:00",
+                                                       "2026-01-01 00:00", "2026-03-02 05:00"])})
+    return events, users
+
+
+def test_edge_cases_move_forward_exactly(cfg):
+    events, users = _edge_log()
+    log = from_frames(events, users)
+    t0 = datetime(2026, 3, 1, 23, 0)
+    state = build_state(log, t0, cfg)
+    for t in (datetime(2026, 3, 2, 4, 0), datetime(2026, 3, 2, 23, 0), datetime(2026, 3, 3, 23, 0)):
+        state = advance(log, state, t, cfg)
+        moved, _ = build_matrix(log, t, cfg, state=state)
+        rebuilt, _ = build_matrix(log, t, cfg)
+        assert_same_matrix(moved, rebuilt)
+    final = rebuilt.scalars
+    assert final.loc["b", "unreachable"] == 1.0          # unsubscribed (every channel) after the last send
+    assert final.loc["a", "consecutive_unopened"] == 0.0  # the late open counted
+    assert "d" in final.index and "f" in final.index      # first seen / signed up after T
+
+
+def test_the_saved_state_round_trips(sim_dir, cfg, tmp_path):
+    log = open_log(sim_dir / "events.parquet", sim_dir / "users.parquet")
+    t = log.max_ts() - timedelta(days=2)
+    state = build_state(log, t, cfg)
+    write_state(tmp_path, state, cfg, {"events_up_to_as_of": 1})
+    again, meta = read_state(tmp_path)
+    assert meta["log"] == {"events_up_to_as_of": 1} and again.as_of == t
+    later = t + timedelta(days=1)
+    assert_same_matrix(build_matrix(log, later, cfg, state=advance(log, again, later, cfg))[0],
+                       build_matrix(log, later, cfg)[0])
+
+
+def test_the_refresh_moves_the_state_only_when_the_log_only_grew(sim_dir, tmp_path):
+    from configs import load_config
+    from serving.tagstore import new_refresh_dir, publish_refresh, refresh_lock
+
+    events = pd.read_parquet(sim_dir / "events.parquet")
+    cut = events["ts"].max() - pd.Timedelta(days=1)
+    folder = tmp_path / "events"
+    folder.mkdir()
+    events[events["ts"] <= cut].to_parquet(folder / "part-1.parquet")
+    cfg = load_config().with_overrides(serving={"serving_dir": str(tmp_path / "serving")})
+    serving_dir = tmp_path / "serving"
+
+    def refresh(as_of, full=False):
+        log = open_log(folder, sim_dir / "users.parquet")
+        made = refresh_features(log, as_of, cfg, serving_dir, full=full)
+        with refresh_lock(serving_dir) as lock:
+            building, refresh_id = new_refresh_dir(serving_dir)
+            write_state(building.root, made.state, cfg, made.fingerprint)
+            (building.root / "manifest.json").write_text(f'{{"as_of": "{as_of.isoformat()}"}}')
+            publish_refresh(serving_dir, building, refresh_id, 3, lock=lock)
+        return made, log
+
+    first, _ = refresh(cut.to_pydatetime().replace(tzinfo=None))
+    assert not first.incremental and "no refresh yet" in first.how
+    # one more day arrives as a new file: moved forward, equal to a rebuild
+    events[events["ts"] > cut].to_parquet(folder / "part-2.parquet")
+    end = events["ts"].max().to_pydatetime().replace(tzinfo=None)
+    second, log = refresh(end)
+    assert second.incremental and "moved forward" in second.how
+    assert_same_matrix(second.matrix, build_matrix(log, end, cfg)[0])
+    # the past changed (a row removed): rebuilt, and says why
+    events[(events["ts"] <= cut)].iloc[1:].to_parquet(folder / "part-1.parquet")
+    third, _ = refresh(end + timedelta(hours=1))
+    assert not third.incremental and "changed" in third.how
+    # another configuration: rebuilt
+    cfg = cfg.with_overrides(features={"history_days": 60})
+    fourth, _ = refresh(end + timedelta(hours=2))
+    assert not fourth.incremental and "configuration" in fourth.how
