@@ -81,8 +81,8 @@ def _edge_log() -> tuple[pd.DataFrame, pd.DataFrame]:
     events["ts"] = pd.to_datetime(events["ts"]).dt.tz_localize("UTC")
     users = pd.DataFrame({"user_id": ["a", "b", "c", "d", "e", "f"],
                           "timezone": ["Asia/Shanghai", "UTC", "America/New_York", "Europe/Berlin", "UTC", "UTC"],
-                          "signup_ts": pd.to_datetime(["2026-01-01 00:00", "2026-01-01 00:00", "2026-01-01 00:00", "2026-03-02 10:00",
-                                                       "2026-01-01 00:00", "2026-03-02 05:00"])})
+                          "signup_ts": pd.to_datetime(["2026-01-01 00:00"] * 3 + ["2026-03-02 10:00", "2026-01-01 00:00",
+                                                                                       "2026-03-02 05:00"])})
     return events, users
 
 
