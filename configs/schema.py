@@ -32,6 +32,7 @@ __all__ = [
     "ServingConfig",
     "SimulateConfig",
     "PlanConfig",
+    "DriftConfig",
     "load_config",
     "DEFAULT_CONFIG_ENV",
 ]
@@ -133,6 +134,16 @@ class TrackingConfig(_Frozen):
     def model_name(self, task: str) -> str:
         return f"{self.model_prefix}-{task}"
 
+    def artifact_location(self, experiment: str) -> str:
+        """A new experiment's artifact folder (file URI): beside the SQLite database when
+        MLFLOW_TRACKING_URI moves it, else under ``artifact_root`` (training's rule)."""
+        uri = self.resolved_uri()
+        if os.environ.get("MLFLOW_TRACKING_URI") and uri.startswith("sqlite:///"):
+            root = Path(uri[len("sqlite:///"):]).parent / "artifacts"
+        else:
+            root = Path(self.artifact_root)
+        return (root.resolve() / experiment).as_uri()
+
 
 class TuningConfig(_Frozen):
     trials: int = Field(gt=0)
@@ -183,10 +194,41 @@ class ServingConfig(_Frozen):
     api_token: str = ""
     # server processes; each holds its own copy of the snapshot's scores
     workers: int = Field(default=2, gt=0)
+    # PostgreSQL tag store (postgresql://...); SENDTIME_TAG_STORE_URL wins. Empty: the
+    # embedded DuckDB store of each refresh only
+    tag_store_url: str = ""
 
     def resolved_token(self) -> str:
         """``SENDTIME_API_TOKEN`` wins over the file, like MLFLOW_TRACKING_URI."""
         return os.environ.get("SENDTIME_API_TOKEN") or self.api_token
+
+    @field_validator("tag_store_url")
+    @classmethod
+    def _postgres_url(cls, value: str) -> str:
+        return _check_tag_store_url(value, "serving.tag_store_url")
+
+    def resolved_tag_store_url(self, override: str | None = None) -> str:
+        """The PostgreSQL tag store's URL, or "" for the embedded DuckDB store: ``override``
+        (a command-line flag) wins over ``SENDTIME_TAG_STORE_URL``, which wins over the file."""
+        if override:
+            return _check_tag_store_url(override, "--tag-store")
+        from_env = os.environ.get(TAG_STORE_URL_ENV)
+        if from_env:
+            return _check_tag_store_url(from_env, TAG_STORE_URL_ENV)
+        return self.tag_store_url
+
+
+TAG_STORE_URL_ENV = "SENDTIME_TAG_STORE_URL"
+
+
+def _check_tag_store_url(value: str, source: str) -> str:
+    """Empty, or a URL libpq takes (postgresql:// or postgres://); the error names where the
+    value came from and never echoes it (it may hold a password)."""
+    value = value.strip()
+    if value and value.split("://", 1)[0].lower() not in ("postgresql", "postgres") or value.endswith("://"):
+        raise ConfigError(f"{source}: the tag store must be a postgresql:// URL "
+                          "(e.g. postgresql://user@host:5432/db), or empty for the embedded DuckDB store")
+    return value
 
 
 class SimulateConfig(_Frozen):
@@ -276,6 +318,23 @@ class PlanConfig(_Frozen):
             return tuple(start <= h < end for h in range(24))
         return tuple(h >= start or h < end for h in range(24))
 
+
+class DriftConfig(_Frozen):
+    """Each refresh's population stability index (PSI) against the champion's reference."""
+
+    enabled: bool
+    experiment: str
+    psi_warn: float = Field(gt=0)
+    bins: int = Field(ge=2, le=100)
+    top_features: int = Field(ge=0)
+    key_columns: tuple[str, ...]
+    max_levels: int = Field(ge=1)
+    reference_users: int = Field(gt=0)
+    sample_users: int = Field(gt=0)
+    epsilon: float = Field(gt=0, lt=0.01)
+    seed: int
+
+
 class Config(_Frozen):
     slots: SlotConfig
     labels: LabelConfig
@@ -287,6 +346,7 @@ class Config(_Frozen):
     serving: ServingConfig
     simulate: SimulateConfig
     plan: PlanConfig
+    drift: DriftConfig
 
     def with_overrides(self, **sections: dict[str, Any]) -> "Config":
         """A copy with some fields of some sections replaced, validated again."""

@@ -30,6 +30,7 @@ from features.families import feature_catalog
 from features.snapshot import write_snapshot
 from features.state import write_state
 from serving.core import PriorTable, ScoringCore, cold_start_priors
+from serving.drift import DriftReport, check_drift
 from serving.incremental import refresh_features
 from serving.models import Champions
 from serving.plan_rules import PLAN_SENDS_FILE, PLAN_USERS_FILE, load_history
@@ -69,6 +70,7 @@ class RefreshResult:
     missing: dict[str, str]
     publication: Publication
     features: str = ""          # how the features were made: moved forward, or rebuilt and why
+    drift: DriftReport | None = None   # PSI against the champions' references; None: [drift] enabled = false
 
     @property
     def became_current(self) -> bool:
@@ -208,8 +210,9 @@ def _refresh_locked(log_: EventLog, cfg: Config, champions: Champions, out: Path
     if publication.backfill and not publication.became_current:
         log.info("backfill as of %s kept out of service: the current refresh %s is as of %s",
                     publication.as_of, publication.current.refresh_id, publication.current_as_of)
+    drift = check_drift(matrix, scores, champions, cfg, refresh_id=refresh_id)
     published = publication.paths
     return RefreshResult(tags_path=Path(out) if out else published.tags, refresh=published,
                          n_users=len(tags), n_cold_start=int(tags["cold_start"].sum()),
                          versions=champions.versions(), missing=champions.missing, publication=publication,
-                         features=features_note)
+                         features=features_note, drift=drift)

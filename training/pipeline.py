@@ -19,11 +19,13 @@ from mlflow.models import infer_signature
 from boosters import adapter, apply_calibration
 from configs import Config, write_atomic
 from features.events import EventLog
+from features.reference import REFERENCE_FILE
 from features.rows import FeatureSpec
 from training import plots
 from training.calibration import fit_calibrator
 from training.datasets import Dataset, build_dataset
 from training.metrics import binary_metrics, churn_baseline_aucs
+from training.reference import build_reference
 from training.tracking import configure_tracking, datasets_dir
 from training.trainers import Fitted, feature_importance, fit_model, predict_raw
 
@@ -121,6 +123,18 @@ def _log_figures(ds: Dataset, ev: Evaluated) -> None:
         plt.close(fig)
 
 
+def _log_drift_reference(log_: EventLog, ds: Dataset, ev: Evaluated, library: str, cfg: Config) -> None:
+    """The holdout snapshot's population, which each refresh's drift is measured against."""
+    holdout = ds.snapshots.get("holdout")
+    if not holdout:
+        return
+    reference = build_reference(log_, ds.task, datetime.fromisoformat(holdout[-1]), ev.spec, library,
+                                ev.fitted.booster, ev.calibrator, feature_importance(ev.fitted, list(ev.spec.names)),
+                                cfg)
+    if reference is not None:
+        mlflow.log_dict(reference.to_dict(), REFERENCE_FILE)
+
+
 def train_task(
     log_: EventLog,
     task: str,
@@ -155,6 +169,7 @@ def train_task(
         mlflow.log_dict({"features": list(ev.spec.names)}, "features/feature_list.json")
         mlflow.log_dict(ev.calibrator, "calibration/calibrator.json")
         _log_figures(ds, ev)
+        _log_drift_reference(log_, ds, ev, library, cfg)
         sample = ds.holdout.rows.head(200)
         x_sample = pd.DataFrame(ev.spec.encode(sample), columns=list(ev.spec.names))
         signature = infer_signature(x_sample, ev.p_holdout[: len(sample)])
