@@ -50,7 +50,7 @@ from features.families import (
 )
 
 __all__ = ["FeatureState", "IncrementalMismatch", "SLOT_COUNTS", "advance", "build_state", "config_fingerprint",
-           "log_fingerprints", "read_state", "scalar_frame", "write_state"]
+           "log_fingerprints", "only_grew", "read_state", "scalar_frame", "write_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -573,19 +573,54 @@ def config_fingerprint(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _source_files(log: EventLog) -> dict[str, list[int]]:
+    """The event files behind the log, each with its size and modification time."""
+    source = log.sources.get("events")
+    if not source:
+        return {}
+    path = Path(source)
+    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file())
+    return {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+
+
 def log_fingerprints(log: EventLog, times: list[datetime]) -> list[dict]:
-    """The log's summary up to each time, in one scan: the number of events and the sum of
-    their hashes (a changed, removed or added past event changes it), and the users table's.
-    A state may only move forward on a log whose past is unchanged."""
-    parts = ", ".join(f"count(*) FILTER (WHERE ts <= {sql_ts(t)}), "
-                      f"coalesce(sum(h) FILTER (WHERE ts <= {sql_ts(t)}), 0)" for t in times)
-    row = log.con.execute(
-        f"SELECT {parts} FROM (SELECT ts, hash(user_id, ts, event, message_id, channel, value) AS h FROM events)"
-    ).fetchall()[0]
+    """What a state may rely on when it moves forward: the log's files (size and time), the
+    number of events up to each time, and the users table's rows (hashed). A log read from
+    frames, with no files, has its events hashed instead (small logs: tests)."""
+    files = _source_files(log)
+    row_hash = "" if files else (", coalesce(sum(hash(user_id, ts, event, message_id, channel, value))"
+                                 " FILTER (WHERE ts <= {t}), 0)")
+    parts = ", ".join(f"count(*) FILTER (WHERE ts <= {sql_ts(t)})" + row_hash.format(t=sql_ts(t)) for t in times)
+    row = log.con.execute(f"SELECT {parts} FROM events").fetchall()[0]
     users, users_hash = log.con.execute(
         "SELECT count(*), coalesce(sum(hash(user_id, timezone, signup_ts)), 0) FROM users").fetchall()[0]
-    return [{"events_up_to_as_of": int(row[2 * i]), "events_hash": str(row[2 * i + 1]), "users": int(users),
-             "users_hash": str(users_hash)} for i in range(len(times))]
+    width = 1 if files else 2
+    out = []
+    for i in range(len(times)):
+        entry = {"events_up_to_as_of": int(row[width * i]), "users": int(users), "users_hash": str(users_hash),
+                  "files": files}
+        if not files:
+            entry["events_hash"] = str(row[width * i + 1])
+        out.append(entry)
+    return out
+
+
+def only_grew(then: dict, now: dict) -> str:
+    """Why the log is not the old one plus new events ("" when it is): an old file changed or
+    went away, or the count of events up to the old time differs, or the users changed."""
+    for path, meta in (then.get("files") or {}).items():
+        if path not in now.get("files", {}):
+            return f"the events file {path} is gone"
+        if now["files"][path] != meta:
+            return f"the events file {path} changed"
+    if then.get("events_up_to_as_of") != now.get("events_up_to_as_of"):
+        return (f"{now.get('events_up_to_as_of')} events up to then, where there were "
+                f"{then.get('events_up_to_as_of')}")
+    if then.get("events_hash") != now.get("events_hash"):
+        return "the events up to then changed"
+    if (then.get("users"), then.get("users_hash")) != (now.get("users"), now.get("users_hash")):
+        return "the users table changed"
+    return ""
 
 
 def write_state(folder: Path, state: FeatureState, cfg: Config, fingerprint: dict) -> Path:

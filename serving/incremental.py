@@ -29,6 +29,7 @@ from features.state import (
     build_state,
     config_fingerprint,
     log_fingerprints,
+    only_grew,
     read_state,
 )
 from serving.tagstore import current_refresh
@@ -75,10 +76,9 @@ def refresh_features(log: EventLog, as_of: datetime, cfg: Config, serving_dir: P
     fingerprint: dict | None = None
     if state is not None:
         then, now = log_fingerprints(log, [state.as_of, as_of])
-        if then != meta.get("log"):
-            why = (f"the log up to {state.as_of} changed since refresh {meta['refresh_id']} "
-                   f"({meta.get('log', {}).get('events_up_to_as_of')} events then, {then['events_up_to_as_of']} now, "
-                   "or other rows or users)")
+        changed = only_grew(meta.get("log") or {}, then)
+        if changed:
+            why = f"the log up to {state.as_of} is not the one refresh {meta['refresh_id']} read: {changed}"
             state = None
         else:
             fingerprint = now
