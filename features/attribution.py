@@ -63,24 +63,23 @@ def attributed_sends_sql(
         SELECT user_id, ts, message_id FROM events
         WHERE event = 'send' AND ts > {_ts(since)} - {window} AND ts <= {_ts(horizon)}
     ),
+    matched AS (        -- opens answering, by id, a send of the window before them
+        SELECT o.user_id, o.ts AS o_ts, o.message_id, x.ts AS s_ts
+        FROM o JOIN s_all x ON o.user_id = x.user_id AND o.message_id = x.message_id
+         AND x.ts <= o.ts AND x.ts >= o.ts - {window}
+    ),
     o_by_time AS (
-        SELECT o.* FROM o ANTI JOIN (SELECT user_id, ts, message_id FROM s_all WHERE message_id IS NOT NULL) x
-          ON o.user_id = x.user_id AND o.message_id = x.message_id AND x.ts <= o.ts AND x.ts >= o.ts - {window}
+        SELECT o.* FROM o ANTI JOIN matched m
+          ON o.user_id = m.user_id AND o.ts = m.o_ts AND o.message_id = m.message_id
     ),
-    by_id AS (
-        SELECT DISTINCT s.user_id, s.ts FROM s JOIN o
-          ON o.user_id = s.user_id AND o.message_id = s.message_id
-         AND o.ts >= s.ts AND o.ts <= s.ts + {window}
-    ),
-    by_time AS (
-        SELECT DISTINCT o.user_id, s_all.ts
+    by_time AS (        -- the rest: the latest send at or before them (only their users' sends)
+        SELECT DISTINCT o.user_id, x.ts
         FROM o_by_time o
-        ASOF JOIN s_all ON o.user_id = s_all.user_id AND o.ts >= s_all.ts
-        WHERE o.ts <= s_all.ts + {window} AND (o.message_id IS NULL OR s_all.message_id IS NULL)
-    )
-    SELECT s.user_id, s.ts, s.slot, s.local_hour, s.local_dow,
-           (b.user_id IS NOT NULL OR t.user_id IS NOT NULL) AS opened
-    FROM s
-    LEFT JOIN by_id b ON b.user_id = s.user_id AND b.ts = s.ts
-    LEFT JOIN by_time t ON t.user_id = s.user_id AND t.ts = s.ts
+        ASOF JOIN (SELECT * FROM s_all WHERE user_id IN (SELECT user_id FROM o_by_time)) x
+          ON o.user_id = x.user_id AND o.ts >= x.ts
+        WHERE o.ts <= x.ts + {window} AND (o.message_id IS NULL OR x.message_id IS NULL)
+    ),
+    answered AS (SELECT DISTINCT user_id, s_ts AS ts FROM matched UNION SELECT user_id, ts FROM by_time)
+    SELECT s.user_id, s.ts, s.slot, s.local_hour, s.local_dow, (a.user_id IS NOT NULL) AS opened
+    FROM s LEFT JOIN answered a ON a.user_id = s.user_id AND a.ts = s.ts
     """
