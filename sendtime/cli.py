@@ -131,6 +131,22 @@ def parse_as_of(value: Optional[str]) -> Optional[datetime]:
         raise ValueError(f"--as-of: {value!r} is not a time (use ISO 8601, e.g. 2026-05-01T00:00:00Z)") from exc
 
 
+TagStoreOpt = typer.Option(
+    None, "--tag-store", metavar="URL",
+    help="PostgreSQL tag store to read (postgresql://user@host:5432/db). Default: SENDTIME_TAG_STORE_URL, else "
+         "serving.tag_store_url, unless --serving-dir names a folder; without any, the DuckDB store of the serving folder.")
+
+
+def tag_store_url(cfg: Config, flag: Optional[str], serving_dir: Optional[Path]) -> Optional[str]:
+    """The PostgreSQL tag store a reading command uses, or None for the DuckDB one: the flag,
+    else the configured URL, unless the command was pointed at a serving folder."""
+    if flag:
+        return cfg.serving.resolved_tag_store_url(flag)
+    if serving_dir is not None:
+        return None
+    return cfg.serving.resolved_tag_store_url() or None
+
+
 def open_events(events: Path, users: Optional[Path], cfg: Config, quarantine: Optional[Path] = None):
     from features.events import open_log
 
@@ -249,6 +265,10 @@ def score(
         False, "--make-current",
         help="Serve this refresh even when its --as-of is older than the current refresh's. Without it such a "
              "backfill is published beside the current refresh (and written to --out) but not served."),
+    full: bool = typer.Option(
+        False, "--full",
+        help="Rebuild every feature from the whole log. Without it, the current refresh's feature state is moved "
+             "forward with the events since it, when the configuration is the same and the log only grew."),
 ) -> None:
     """Nightly tag refresh: champion models, features as of T, tags + tag store + feature snapshot, atomically.
 
@@ -263,14 +283,19 @@ def score(
         champions = load_champions(cfg)
         lg = open_events(events, users, cfg, quarantine)
         result = refresh_tags(lg, cfg, champions, out, parse_as_of(as_of), progress=not STATE.quiet,
-                              make_current=make_current, lock=lock)
+                              make_current=make_current, lock=lock, full=full)
     for task, why in result.missing.items():
         typer.echo(f"warning: no {task} champion; its tag columns are empty ({why})", err=True)
+    typer.echo(f"features {result.features}")
     typer.echo(f"scored {result.n_users} users ({result.n_cold_start} cold start) with {result.versions} -> "
                f"{out}; tag store {result.refresh.store}{'' if result.became_current else ' (not current)'}")
     note = result.backfill_note()
     if note:
         typer.echo(note if result.became_current else f"warning: {note}", err=not result.became_current)
+    if result.drift is not None:
+        typer.echo(result.drift.summary(), err=result.drift.error is not None)
+        if result.drift.warning:
+            typer.echo(f"warning: {result.drift.warning}", err=True)
 
 
 @app.command()
@@ -362,15 +387,18 @@ def serve(
 @cli_job
 def tags(
     sql: str = typer.Argument("SELECT churn_tier, count(*) AS users, avg(churn_prob) AS mean_churn_prob FROM tags GROUP BY 1 ORDER BY 1",
-                              help="Read-only SQL over the tag store (tables: tags, priors, manifest); "
-                                   "it cannot read or write files (COPY, read_csv, ATTACH, INSTALL fail)."),
+                              help="Read-only SQL over the tag store (tables: tags, priors, manifest; PostgreSQL also "
+                                   "user_timezones); it cannot write the store nor read or write files (COPY, read_csv, "
+                                   "ATTACH, INSTALL, pg_read_file fail)."),
     serving_dir: Optional[Path] = typer.Option(None, "--serving-dir", help="Default serving.serving_dir."),
+    tag_store: Optional[str] = TagStoreOpt,
 ) -> None:
     """Query the current tag store, e.g. audiences: SELECT user_id FROM tags WHERE churn_tier = 'high'."""
     from serving.tagstore import query_tags
 
     cfg = current_config()
-    frame = query_tags(serving_dir or Path(cfg.serving.serving_dir), sql)
+    frame = query_tags(serving_dir or Path(cfg.serving.serving_dir), sql,
+                       tag_store_url=tag_store_url(cfg, tag_store, serving_dir))
     typer.echo(frame.to_string(index=False, max_rows=50))
 
 

@@ -113,6 +113,7 @@ def register(app: typer.Typer) -> None:
             "--serving-dir",
             help="Where `score` published the tags (default serving.serving_dir).",
         ),
+        tag_store: Optional[str] = cli.TagStoreOpt,
         seed: int = typer.Option(
             0, "--seed", help="Seed of the exploration draws and the baselines' queue order."
         ),
@@ -142,6 +143,7 @@ def register(app: typer.Typer) -> None:
             audience=audience,
             user_ids=_ids(ids),
             log_=lg,
+            tag_store_url=cli.tag_store_url(cfg, tag_store, serving_dir),
             window_hours=window_hours,
             channel=channel,
             capacity_per_hour=capacity_per_hour,

@@ -390,19 +390,43 @@ def read_audience(
     where: str | None = None,
     user_ids: Sequence[str] | None = None,
     n_slots: int | None = None,
+    tag_store_url: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The audience from the current tag store: ids, (n, n_slots) open probabilities (NaN
     rows: no prediction), time zones (from the feature snapshot) and the unsubscribed flag.
 
     ``where``: a SQL condition over the ``tags`` table; ``user_ids``: a list (ids the tags
     do not know come back with no prediction). Neither: every user in the tags.
+    ``tag_store_url``: read the PostgreSQL tag store instead of the DuckDB one under
+    ``serving_dir`` (the same condition gives the same audience, in the same order).
     """
+    if tag_store_url:
+        ids, probs, zones, unsub, known = _audience_from_postgres(tag_store_url, where, user_ids, n_slots)
+    else:
+        ids, probs, zones, unsub, known = _audience_from_duckdb(Path(serving_dir), where, user_ids, n_slots)
+    if user_ids is not None:
+        # listed ids the tags do not hold at all come back with no prediction; ids the
+        # condition left out stay out
+        missing = [u for u in dict.fromkeys(user_ids) if u not in known]
+        if missing:
+            width = probs.shape[1]
+            ids = np.concatenate([ids, np.asarray(missing, dtype=object)])
+            probs = np.vstack([probs, np.full((len(missing), width), np.nan)])
+            zones = np.concatenate([zones, np.full(len(missing), None, dtype=object)])
+            unsub = np.concatenate([unsub, np.zeros(len(missing), dtype=bool)])
+    return ids, probs, zones, unsub
+
+
+def _audience_from_duckdb(serving_dir: Path, where: str | None, user_ids: Sequence[str] | None,
+                          n_slots: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, set]:
     import duckdb
+    import pyarrow as pa
     import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
     from serving.tagstore import current_refresh
 
-    paths = current_refresh(Path(serving_dir))
+    paths = current_refresh(serving_dir)
     if paths is None:
         raise PlanError(f"no tags under {serving_dir}: run `sendtime score` first")
     condition = f"({where})" if where else "true"
@@ -410,9 +434,6 @@ def read_audience(
     if user_ids is not None:
         condition += " AND user_id IN (SELECT unnest(?))"
         params.append(list(dict.fromkeys(user_ids)))
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     zones_table = (pq.read_table(paths.features, columns=["user_id", "timezone"]) if paths.features.exists()
                    else pa.table({"user_id": pa.array([], pa.string()), "timezone": pa.array([], pa.string())}))
     # like `sendtime tags`: the audience's SQL cannot read or write files
@@ -429,8 +450,6 @@ def read_audience(
         ).to_arrow_table()
         known: set = set()
         if user_ids is not None:
-            # listed ids the tags do not hold at all come back with no prediction; ids the
-            # condition left out stay out
             known = set(con.sql("SELECT user_id FROM tags WHERE user_id IN (SELECT unnest(?))",
                                 params=[list(dict.fromkeys(user_ids))]).to_arrow_table()
                         .column("user_id").to_pylist())
@@ -453,14 +472,34 @@ def read_audience(
         )
     zones = np.asarray(table.column("timezone").to_pylist(), dtype=object)
     unsub = np.asarray(table.column("unsubscribed").fill_null(False).to_pylist(), dtype=bool)
-    if user_ids is not None:
-        missing = [u for u in dict.fromkeys(user_ids) if u not in known]
-        if missing:
-            ids = np.concatenate([ids, np.asarray(missing, dtype=object)])
-            probs = np.vstack([probs, np.full((len(missing), width), np.nan)])
-            zones = np.concatenate([zones, np.full(len(missing), None, dtype=object)])
-            unsub = np.concatenate([unsub, np.zeros(len(missing), dtype=bool)])
-    return ids, probs, zones, unsub
+    return ids, probs, zones, unsub, known
+
+
+def _audience_from_postgres(url: str, where: str | None, user_ids: Sequence[str] | None,
+                            n_slots: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, set]:
+    """The same audience from the PostgreSQL tag store, in one read-only transaction (so a
+    publish cannot swap the tables between the audience and the listed ids)."""
+    from serving.pg_tagstore import TagStoreError, audience_query, decode_float_arrays, read_rows_pg
+    from serving.tagstore import TagQueryError
+
+    listed = list(dict.fromkeys(user_ids)) if user_ids is not None else None
+    queries = [(audience_query(where or "true", listed is not None), listed)]
+    if listed is not None:
+        queries.append(("SELECT user_id FROM tags WHERE user_id = ANY($1)", listed))
+    try:
+        results = read_rows_pg(url, queries, binary=True)
+    except TagStoreError as exc:
+        raise PlanError(str(exc)) from exc
+    except TagQueryError as exc:
+        reason = str(exc).removeprefix("tags query failed: ")
+        raise PlanError(f"--audience: {where!r} is not a condition over the tags: {reason}") from exc
+    rows = results[0][1]
+    ids = np.asarray([r[0] for r in rows], dtype=object)
+    probs = decode_float_arrays([r[1] for r in rows], n_slots)
+    zones = np.asarray([r[3] for r in rows], dtype=object)
+    unsub = np.asarray([bool(r[2]) for r in rows], dtype=bool)
+    known = {r[0] for r in results[1][1]} if listed is not None else set()
+    return ids, probs, zones, unsub, known
 
 
 def plan_campaign(
@@ -471,11 +510,13 @@ def plan_campaign(
     audience: str | None = None,
     user_ids: Sequence[str] | None = None,
     log_: EventLog | None = None,
+    tag_store_url: str | None = None,
     **options,
 ) -> PlanResult:
-    """``sendtime plan``: the audience from the tag store, the history from the event log
-    (when given), then :func:`plan_users` with ``options`` (window_hours, channel,
-    capacity_per_hour, explore, min_open_prob, seed)."""
+    """``sendtime plan``: the audience from the tag store (the PostgreSQL one at
+    ``tag_store_url`` when given), the history from the event log (when given), then
+    :func:`plan_users` with ``options`` (window_hours, channel, capacity_per_hour, explore,
+    min_open_prob, seed)."""
     from serving.plan_rules import load_history
 
     t0 = time.perf_counter()
@@ -484,6 +525,7 @@ def plan_campaign(
         where=audience,
         user_ids=user_ids,
         n_slots=cfg.slots.n_slots,
+        tag_store_url=tag_store_url,
     )
     t_audience = time.perf_counter() - t0
     log.info("audience: %d users read in %.1f s", len(ids), t_audience)

@@ -207,6 +207,13 @@ def _refresh_locked(log_: EventLog, cfg: Config, champions: Champions, out: Path
     except BaseException:
         shutil.rmtree(building.root, ignore_errors=True)
         raise
+    tag_store_url = cfg.serving.resolved_tag_store_url()
+    if tag_store_url:
+        # under the same refresh lock, once the folder and --out are in place; a backfill
+        # kept out of service stays out of PostgreSQL too
+        from serving.pg_tagstore import publish_to_postgres
+
+        publish_to_postgres(tag_store_url, publication.paths, publication)
     if publication.backfill and not publication.became_current:
         log.info("backfill as of %s kept out of service: the current refresh %s is as of %s",
                     publication.as_of, publication.current.refresh_id, publication.current_as_of)

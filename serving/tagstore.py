@@ -272,13 +272,18 @@ def current_refresh(serving_dir: Path) -> RefreshPaths | None:
     return RefreshPaths(link.resolve())
 
 
-def query_tags(serving_dir: Path, sql: str) -> pd.DataFrame:
+def query_tags(serving_dir: Path, sql: str, *, tag_store_url: str | None = None) -> pd.DataFrame:
     """Run read-only SQL against the current tag store (tables: tags, priors, manifest).
 
     The store is opened read-only with external access off and the configuration locked,
     so a query cannot write the store nor read or write any other file (``COPY ... TO``,
     ``read_csv``, ``ATTACH``, ``INSTALL``/``LOAD`` all fail); DuckDB's refusal comes back
-    as one line in a :class:`TagQueryError`."""
+    as one line in a :class:`TagQueryError`. With ``tag_store_url`` the PostgreSQL tag
+    store answers instead, with the same tables and guarantees (:mod:`serving.pg_tagstore`)."""
+    if tag_store_url:
+        from serving.pg_tagstore import query_tags_pg
+
+        return query_tags_pg(tag_store_url, sql)
     paths = current_refresh(serving_dir)
     if paths is None:
         raise FileNotFoundError(f"no tags under {serving_dir}: run `sendtime score` first")
