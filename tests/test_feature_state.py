@@ -38,7 +38,7 @@ def test_a_state_moved_forward_equals_a_rebuild_on_the_whole_matrix(sim_dir, cfg
     log = open_log(sim_dir / "events.parquet", sim_dir / "users.parquet")
     t = (log.max_ts() - timedelta(days=4)).replace(minute=13, second=0, microsecond=0)
     state = build_state(log, t, cfg)
-    for _ in range(3):
+    for _ in range(2):
         t += timedelta(hours=step_hours)
         state = advance(log, state, t, cfg)
         rebuilt = build_state(log, t, cfg)
