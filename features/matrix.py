@@ -19,6 +19,7 @@ from datetime import datetime
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from configs import Config
 from features.events import EventLog
@@ -36,6 +37,7 @@ __all__ = [
     "POPULATION",
     "circular_smooth",
     "population_priors_at",
+    "slot_features_in_blocks",
     "user_attributes",
     "user_universe",
     "counts_of",
@@ -153,6 +155,18 @@ class UserMatrix:
             cols = [f"{family}__{s:03d}" for s in range(self.n_slots)]
             blocks.append(pd.DataFrame(values.astype(np.float32), columns=cols))
         return pd.concat(blocks, axis=1)
+
+    def to_arrow(self) -> pa.Table:
+        """The same table as :meth:`to_frame`, built column by column (no copy of the per-slot
+        arrays into one wide frame: 1.3 GB less at 1M users)."""
+        table = pa.Table.from_pandas(self.scalars.reset_index(), preserve_index=False)
+        names, columns = list(table.column_names), list(table.columns)
+        for family, values in self.slots.items():
+            block = np.asarray(values, dtype=np.float32)
+            for s in range(self.n_slots):
+                names.append(f"{family}__{s:03d}")
+                columns.append(pa.array(np.ascontiguousarray(block[:, s])))
+        return pa.Table.from_arrays(columns, names=names)
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame, as_of: datetime, n_slots: int,
@@ -312,6 +326,28 @@ def slot_features(counts: SlotCounts, priors: PopulationPriors, cfg: Config) -> 
     return {k: v.astype(np.float32) for k, v in families.items()}, user_rate[:, 0]
 
 
+def slot_features_in_blocks(counts: SlotCounts, priors: PopulationPriors, cfg: Config,
+                            block: int = 100_000) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """:func:`slot_features` a block of users at a time (each user's features are their own
+    counts with the priors): the same numbers, with float64 temporaries the size of a block
+    instead of a million users' (a few GB at 1M users x 24 slots)."""
+    n = len(counts.user_ids)
+    if n <= block:
+        return slot_features(counts, priors, cfg)
+    out: dict[str, np.ndarray] = {}
+    rate = np.empty(n)
+    for start in range(0, n, block):
+        part = slice(start, min(start + block, n))
+        chunk = SlotCounts(user_ids=counts.user_ids[part], **{k: getattr(counts, k)[part] for k in SLOT_COUNTS})
+        families, user_rate = slot_features(chunk, priors, cfg)
+        for name, values in families.items():
+            if name not in out:
+                out[name] = np.empty((n, values.shape[1]), dtype=values.dtype)
+            out[name][part] = values
+        rate[part] = user_rate
+    return out, rate
+
+
 def _utc_offset_hours(zones: pd.Series, as_of: datetime) -> np.ndarray:
     stamp = pd.Timestamp(as_of, tz="UTC")
     cache = {z: stamp.tz_convert(z).utcoffset().total_seconds() / 3600 for z in zones.unique()}
@@ -365,7 +401,7 @@ def build_matrix(
     counts = counts_of(state)
     universe = user_attributes(log, state.index)
     stage("population priors and attributes")
-    families, user_rate = slot_features(counts, priors, cfg)
+    families, user_rate = slot_features_in_blocks(counts, priors, cfg)
     stage("per-slot pooling")
     scalars = scalar_frame(state, cfg)
     stage("recency, frequency, fatigue, trends")

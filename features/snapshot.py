@@ -53,8 +53,9 @@ def write_snapshot(folder: str | Path, matrix: UserMatrix, priors: PopulationPri
                    **extra: object) -> dict:
     """Write the matrix and its manifest (each atomically); returns the manifest."""
     folder = Path(folder)
-    frame = matrix.to_frame()
-    write_atomic(folder / FEATURES_FILE, lambda tmp: frame.to_parquet(tmp, index=False))
+    import pyarrow.parquet as pq
+
+    write_atomic(folder / FEATURES_FILE, lambda tmp: pq.write_table(matrix.to_arrow(), tmp))
     manifest = snapshot_manifest(matrix, priors, cfg, **extra)
     write_manifest(folder, manifest)
     return manifest
