@@ -159,7 +159,8 @@ def _query_pos(log: EventLog, state: FeatureState, sql: str) -> pd.DataFrame:
     join runs in DuckDB, so millions of (user, slot) rows never become Python strings."""
     log.con.register("_universe", pd.DataFrame({"user_id": state.user_ids, "_pos": np.arange(len(state))}))
     try:
-        return log.query_df(f"SELECT q.* EXCLUDE (user_id), u._pos FROM ({sql}) q JOIN _universe u USING (user_id)")
+        return log.query_df(f"SELECT q.* EXCLUDE (user_id), CAST(u._pos AS INTEGER) AS _pos "
+                            f"FROM ({sql}) q JOIN _universe u USING (user_id)")
     finally:
         log.con.unregister("_universe")
 
@@ -260,10 +261,11 @@ def _activity_sql(cfg: Config, parts: list[tuple[datetime, datetime, int]]) -> s
     ranges = " OR ".join(f"(ts > {sql_ts(a)} AND ts <= {sql_ts(b)})" for a, b, _ in parts)
     sign = "1" if len(parts) == 1 else (
         "CASE " + " ".join(f"WHEN ts > {sql_ts(a)} AND ts <= {sql_ts(b)} THEN {s}" for a, b, s in parts) + " END")
-    return f"""SELECT user_id, {slot_expr(cfg.slots.kind)} AS slot,
-               coalesce(sum({sign}) FILTER (WHERE event = 'session'), 0) AS sessions,
-               coalesce(sum({sign}) FILTER (WHERE event = 'open'), 0) AS opens_at,
-               coalesce(sum({sign}) FILTER (WHERE event = 'purchase'), 0) AS purchases_at
+    # small integer types: at 1M users the result has ~30M (user, slot) rows
+    return f"""SELECT user_id, CAST({slot_expr(cfg.slots.kind)} AS SMALLINT) AS slot,
+               CAST(coalesce(sum({sign}) FILTER (WHERE event = 'session'), 0) AS INTEGER) AS sessions,
+               CAST(coalesce(sum({sign}) FILTER (WHERE event = 'open'), 0) AS INTEGER) AS opens_at,
+               CAST(coalesce(sum({sign}) FILTER (WHERE event = 'purchase'), 0) AS INTEGER) AS purchases_at
         FROM events_local
         WHERE event IN ('session', 'open', 'purchase') AND ({ranges})
         GROUP BY ALL"""
@@ -277,7 +279,8 @@ def _attributed_full(log: EventLog, as_of: datetime, cfg: Config, state: Feature
     log.con.execute(f"CREATE OR REPLACE TEMP TABLE _attributed AS SELECT user_id, ts, slot, opened FROM ({sends})")
     try:
         by_slot = _query_pos(log, state,
-            f"""SELECT user_id, slot, count(*) AS n, count(*) FILTER (WHERE opened) AS k
+            f"""SELECT user_id, CAST(slot AS SMALLINT) AS slot, CAST(count(*) AS INTEGER) AS n,
+                       CAST(count(*) FILTER (WHERE opened) AS INTEGER) AS k
                 FROM _attributed WHERE ts <= {sql_ts(matured)} GROUP BY ALL""")
         state.slots["sends"] = np.zeros((len(ids), n_slots), dtype=np.int32)
         state.slots["opened"] = np.zeros((len(ids), n_slots), dtype=np.int32)
