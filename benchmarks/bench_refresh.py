@@ -78,8 +78,10 @@ def main() -> None:
     work = a.work or Path(tempfile.mkdtemp(prefix="sendtime-bench-refresh-"))
     work.mkdir(parents=True, exist_ok=True)
     overlay = work / "sendtime.toml"
-    overlay.write_text(f'[tracking]\ntracking_uri = "sqlite:///{work}/mlruns/mlflow.db"\nartifact_root = "{work}/mlruns/artifacts"\n\n'
-                       f'[tuning]\nstorage = "sqlite:///{work}/mlruns/optuna.db"\n\n[serving]\nserving_dir = "{work}/serving"\n')
+    overlay.write_text("\n".join([
+        "[tracking]", f'tracking_uri = "sqlite:///{work}/mlruns/mlflow.db"', f'artifact_root = "{work}/mlruns/artifacts"', "",
+        "[tuning]", f'storage = "sqlite:///{work}/mlruns/optuna.db"', "",
+        "[serving]", f'serving_dir = "{work}/serving"', ""]))
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
     cli = [*SENDTIME, "-q", "-c", str(overlay)]
