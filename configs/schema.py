@@ -32,6 +32,7 @@ __all__ = [
     "ServingConfig",
     "SimulateConfig",
     "PlanConfig",
+    "ClusterConfig",
     "DriftConfig",
     "load_config",
     "DEFAULT_CONFIG_ENV",
@@ -194,6 +195,12 @@ class ServingConfig(_Frozen):
     api_token: str = ""
     # server processes; each holds its own copy of the snapshot's scores
     workers: int = Field(default=2, gt=0)
+    # LightGBM champions as native code (boosters.compiled) for scoring calls of at least
+    # compiled_min_rows model rows; compiled once per model into compiled_cache_dir
+    # (empty: <serving_dir>/compiled)
+    compiled_trees: bool = True
+    compiled_min_rows: int = Field(default=500_000, ge=0)
+    compiled_cache_dir: str = ""
     # PostgreSQL tag store (postgresql://...); SENDTIME_TAG_STORE_URL wins. Empty: the
     # embedded DuckDB store of each refresh only
     tag_store_url: str = ""
@@ -335,6 +342,16 @@ class DriftConfig(_Frozen):
     seed: int
 
 
+class ClusterConfig(_Frozen):
+    """``--cluster``: a Dask cluster for features, train and score."""
+
+    local_memory_limit: str
+    partitions_per_worker: int = Field(ge=1)
+    duckdb_memory_share: float = Field(gt=0, le=1)
+    dashboard_address: str = ""
+    connect_timeout_seconds: float = Field(gt=0)
+
+
 class Config(_Frozen):
     slots: SlotConfig
     labels: LabelConfig
@@ -346,6 +363,7 @@ class Config(_Frozen):
     serving: ServingConfig
     simulate: SimulateConfig
     plan: PlanConfig
+    cluster: ClusterConfig
     drift: DriftConfig
 
     def with_overrides(self, **sections: dict[str, Any]) -> "Config":

@@ -496,6 +496,9 @@ def open_log(
     (and raised or quarantined its invalid rows); they are left out without a report.
     """
     con = connect_duckdb(threads, memory_limit)
+    if partition is not None:
+        # a worker has no terminal: its progress bars would interleave in the client's output
+        con.execute("SET enable_progress_bar = false")
     con.execute(f"CREATE OR REPLACE TEMP VIEW events_source AS SELECT * FROM {source_sql(Path(events), 'events')}")
     if users is not None:
         con.execute(

@@ -22,11 +22,13 @@ from tqdm.auto import tqdm
 
 from configs import Config, SendtimeError, Task, resolve_as_of
 from features.events import EventLog
-from features.matrix import build_matrix
+from features.matrix import PopulationPriors, build_matrix
 from features.rows import churn_rows, open_rows
+from features.state import FeatureState
 from training.labels import churn_labels, open_labels
 
-__all__ = ["Dataset", "Split", "build_dataset", "open_snapshots", "churn_snapshots", "TaskNotTrainable"]
+__all__ = ["Dataset", "DatasetPlan", "Split", "build_dataset", "check_split", "concat_splits", "dataset_plan",
+           "open_snapshots", "churn_snapshots", "snapshot_split", "TaskNotTrainable"]
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +104,10 @@ def churn_snapshots(as_of: datetime, first_event: datetime, cfg: Config) -> tupl
 
 
 def _open_split(log: EventLog, snapshot: datetime, until: datetime, known_at: datetime,
-                cfg: Config) -> Split:
+                cfg: Config, priors: PopulationPriors | None = None, state: FeatureState | None = None) -> Split:
     labels = open_labels(log, snapshot, until, known_at, cfg)
     users = pd.Index(labels["user_id"].unique())
-    matrix, _ = build_matrix(log, snapshot, cfg, user_ids=users)
+    matrix, _ = build_matrix(log, snapshot, cfg, priors=priors, user_ids=users, state=state)
     pos = matrix.user_ids.get_indexer(labels["user_id"])
     rows = open_rows(matrix, pos, labels["slot"].to_numpy())
     meta = labels[["user_id", "ts", "slot", "local_hour", "local_dow"]].copy()
@@ -113,9 +115,10 @@ def _open_split(log: EventLog, snapshot: datetime, until: datetime, known_at: da
     return Split(rows=rows, label=labels["opened"].to_numpy(np.int8), meta=meta.reset_index(drop=True))
 
 
-def _churn_split(log: EventLog, snapshot: datetime, cfg: Config) -> Split:
+def _churn_split(log: EventLog, snapshot: datetime, cfg: Config, priors: PopulationPriors | None = None,
+                 state: FeatureState | None = None) -> Split:
     labels = churn_labels(log, snapshot, cfg)
-    matrix, _ = build_matrix(log, snapshot, cfg, user_ids=pd.Index(labels["user_id"]))
+    matrix, _ = build_matrix(log, snapshot, cfg, priors=priors, user_ids=pd.Index(labels["user_id"]), state=state)
     pos = matrix.user_ids.get_indexer(labels["user_id"])
     rows = churn_rows(matrix.subset(pos))
     meta = labels[["user_id"]].copy()
@@ -123,7 +126,19 @@ def _churn_split(log: EventLog, snapshot: datetime, cfg: Config) -> Split:
     return Split(rows=rows, label=labels["churned"].to_numpy(np.int8), meta=meta.reset_index(drop=True))
 
 
-def _concat(splits: list[Split]) -> Split:
+def snapshot_split(log: EventLog, task: str, job: tuple[datetime, datetime | None], known_at: datetime,
+                   cfg: Config, priors: PopulationPriors | None = None, state: FeatureState | None = None) -> Split:
+    """The rows of one snapshot of a :class:`DatasetPlan` (``job`` = (snapshot, rows until)).
+    ``priors``: the population priors at the snapshot, when computed elsewhere (a cluster
+    partition of the users cannot compute them alone); ``state``: the log's feature state at
+    the snapshot, when at hand."""
+    snapshot, until = job
+    if task == "open":
+        return _open_split(log, snapshot, until, known_at, cfg, priors, state)
+    return _churn_split(log, snapshot, cfg, priors, state)
+
+
+def concat_splits(splits: list[Split]) -> Split:
     return Split(
         rows=pd.concat([s.rows for s in splits], ignore_index=True),
         label=np.concatenate([s.label for s in splits]),
@@ -145,9 +160,19 @@ def _check_events(log: EventLog, task: str, cfg: Config) -> None:
         )
 
 
-def build_dataset(log: EventLog, task: str, as_of: datetime | None, cfg: Config,
-                  progress: bool = True) -> Dataset:
-    """Train/validation/holdout for ``task`` from what happened up to ``as_of``."""
+@dataclass(frozen=True)
+class DatasetPlan:
+    """Which snapshots a dataset is built from: ``jobs`` = (snapshot, rows until), the
+    training snapshots oldest first, then validation, then holdout."""
+
+    task: str
+    as_of: datetime
+    jobs: list[tuple[datetime, datetime | None]]
+    snapshots: dict[str, list[str]]
+
+
+def dataset_plan(log: EventLog, task: str, as_of: datetime | None, cfg: Config) -> DatasetPlan:
+    """The snapshots of ``task`` up to ``as_of`` (default: the log's last event)."""
     try:
         task = Task(task).value
     except ValueError:
@@ -159,25 +184,35 @@ def build_dataset(log: EventLog, task: str, as_of: datetime | None, cfg: Config,
     if task == "open":
         train_t, valid_t, hold_t = open_snapshots(as_of, first, cfg)
         rows_span = timedelta(days=cfg.datasets.open_rows_days)
-        jobs = [(t, min(t + rows_span, valid_t - window)) for t in train_t]
+        jobs: list[tuple[datetime, datetime | None]] = [(t, min(t + rows_span, valid_t - window)) for t in train_t]
         jobs.append((valid_t, min(valid_t + rows_span, hold_t - window)))
         jobs.append((hold_t, hold_t + rows_span))
-        bar = tqdm(jobs, desc="open snapshots", unit="snapshot", disable=not progress)
-        splits = [_open_split(log, t, until, as_of, cfg) for t, until in bar]
     else:
         train_t, valid_t, hold_t = churn_snapshots(as_of, first, cfg)
-        bar = tqdm(train_t + [valid_t, hold_t], desc="churn snapshots", unit="snapshot", disable=not progress)
-        splits = [_churn_split(log, t, cfg) for t in bar]
-    train, valid, holdout = _concat(splits[:-2]), splits[-2], splits[-1]
+        jobs = [(t, None) for t in train_t + [valid_t, hold_t]]
+    snapshots = {"train": [t.isoformat() for t in train_t], "valid": [valid_t.isoformat()],
+                 "holdout": [hold_t.isoformat()]}
+    return DatasetPlan(task=task, as_of=as_of, jobs=jobs, snapshots=snapshots)
+
+
+def check_split(task: str, name: str, n_rows: int, n_positive: int) -> None:
+    """A set without rows or with a single label value cannot train or measure a model."""
+    if n_rows == 0 or n_positive in (0, n_rows):
+        raise TaskNotTrainable(
+            f"the {task} {name} set has {n_rows} rows and a single label value; "
+            "the log is too small or too uniform for this task"
+        )
+
+
+def build_dataset(log: EventLog, task: str, as_of: datetime | None, cfg: Config,
+                  progress: bool = True) -> Dataset:
+    """Train/validation/holdout for ``task`` from what happened up to ``as_of``."""
+    plan = dataset_plan(log, task, as_of, cfg)
+    bar = tqdm(plan.jobs, desc=f"{plan.task} snapshots", unit="snapshot", disable=not progress)
+    splits = [snapshot_split(log, plan.task, job, plan.as_of, cfg) for job in bar]
+    train, valid, holdout = concat_splits(splits[:-2]), splits[-2], splits[-1]
     for name, split in (("train", train), ("validation", valid), ("holdout", holdout)):
-        if len(split) == 0 or split.label.min() == split.label.max():
-            raise TaskNotTrainable(
-                f"the {task} {name} set has {len(split)} rows and a single label value; "
-                "the log is too small or too uniform for this task"
-            )
+        check_split(plan.task, name, len(split), int(split.label.sum()))
     categorical = ("timezone",) + log.attribute_columns
-    return Dataset(
-        task=task, as_of=as_of, train=train, valid=valid, holdout=holdout, categorical=categorical,
-        snapshots={"train": [t.isoformat() for t in train_t], "valid": [valid_t.isoformat()],
-                   "holdout": [hold_t.isoformat()]},
-    )
+    return Dataset(task=plan.task, as_of=plan.as_of, train=train, valid=valid, holdout=holdout,
+                   categorical=categorical, snapshots=plan.snapshots)

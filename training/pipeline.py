@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +30,7 @@ from training.reference import build_reference
 from training.tracking import configure_tracking, datasets_dir
 from training.trainers import Fitted, feature_importance, fit_model, predict_raw
 
-__all__ = ["TrainResult", "train_task", "fit_and_evaluate", "save_holdout"]
+__all__ = ["Fitter", "TrainResult", "train_task", "fit_and_evaluate", "fit_on_this_machine", "save_holdout"]
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,27 @@ class Evaluated:
     p_holdout_raw: np.ndarray
 
 
-def fit_and_evaluate(ds: Dataset, library: str, cfg: Config, overrides: dict[str, Any] | None = None,
-                     reporters: list | None = None) -> Evaluated:
-    """Fit on train, stop early and calibrate on validation, measure on the holdout."""
+# (dataset, library, config, overrides, round reporters) -> the model fitted on the training
+# rows with early stopping on the validation rows, its feature spec, and the encoded
+# validation rows; training.distributed fits on a Dask cluster instead
+Fitter = Callable[[Dataset, str, Config, dict[str, Any] | None, list | None], tuple[Fitted, FeatureSpec, np.ndarray]]
+
+
+def fit_on_this_machine(ds: Dataset, library: str, cfg: Config, overrides: dict[str, Any] | None = None,
+                        reporters: list | None = None) -> tuple[Fitted, FeatureSpec, np.ndarray]:
     spec = FeatureSpec.fit(ds.train.rows, ds.categorical, cfg.features.max_attribute_levels)
-    names = list(spec.names)
-    x_train, x_valid, x_hold = (spec.encode(s.rows) for s in (ds.train, ds.valid, ds.holdout))
-    fitted = fit_model(library, x_train, ds.train.label, x_valid, ds.valid.label, names, cfg,
+    x_train, x_valid = spec.encode(ds.train.rows), spec.encode(ds.valid.rows)
+    fitted = fit_model(library, x_train, ds.train.label, x_valid, ds.valid.label, list(spec.names), cfg,
                        overrides, reporters)
+    return fitted, spec, x_valid
+
+
+def fit_and_evaluate(ds: Dataset, library: str, cfg: Config, overrides: dict[str, Any] | None = None,
+                     reporters: list | None = None, fit: Fitter = fit_on_this_machine) -> Evaluated:
+    """Fit on train, stop early and calibrate on validation, measure on the holdout."""
+    fitted, spec, x_valid = fit(ds, library, cfg, overrides, reporters)
+    names = list(spec.names)
+    x_hold = spec.encode(ds.holdout.rows)
     p_valid = predict_raw(library, fitted.booster, x_valid)
     calibrator, evidence = fit_calibrator(cfg.datasets.calibration, p_valid, ds.valid.label.astype(float),
                                           ds.valid.meta["user_id"].to_numpy())
@@ -147,8 +161,10 @@ def train_task(
     dataset: Dataset | None = None,
     run_name: str | None = None,
     extra_tags: dict[str, str] | None = None,
+    fit: Fitter = fit_on_this_machine,
 ) -> TrainResult:
-    """Train ``library`` for ``task`` on the log up to ``as_of``; log and register it."""
+    """Train ``library`` for ``task`` on the log up to ``as_of``; log and register it.
+    ``fit``: where the trees grow (:func:`fit_on_this_machine`, or a Dask cluster's)."""
     configure_tracking(cfg)
     ds = dataset or build_dataset(log_, task, as_of, cfg, progress=progress)
     holdout_path = save_holdout(ds, cfg)
@@ -161,7 +177,7 @@ def train_task(
                            "slots": cfg.slots.kind, **{f"override.{k}": v for k, v in (overrides or {}).items()}})
         mlflow.log_dict(cfg.model_dump(mode="json"), "config/resolved_config.json")
         mlflow.log_dict(ds.snapshots, "config/snapshots.json")
-        ev = fit_and_evaluate(ds, library, cfg, overrides)
+        ev = fit_and_evaluate(ds, library, cfg, overrides, fit=fit)
         mlflow.log_params({f"model.{k}": v for k, v in ev.fitted.params.items()
                            if k not in ("metric", "eval_metric")})
         ev.metrics["model_size_bytes"] = float(adapter(library).size_bytes(ev.fitted.booster))
