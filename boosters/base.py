@@ -6,6 +6,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,9 +65,17 @@ class BoosterLibrary(ABC):
     def predict(self, booster: Any, x: np.ndarray) -> np.ndarray:
         """Raw (uncalibrated) probabilities of the positive class."""
 
+    def compiled(self, booster: Any, cache_dir: Path, sample: np.ndarray | None = None) -> Any:
+        """Native code that predicts exactly like :meth:`predict` (``.predict(x, threads)``),
+        cached under ``cache_dir``; raises :class:`boosters.compiled.CompilationError` saying
+        why there is none."""
+        from boosters.compiled import CompilationError
+
+        raise CompilationError(f"no compiled trees for {self.name} models")
+
     @abstractmethod
-    def contributions(self, booster: Any, x: np.ndarray, names: list[str]) -> np.ndarray:
-        """SHAP contributions to the raw score, (n_rows, n_features + 1)."""
+    def contributions(self, booster: Any, x: np.ndarray, names: list[str], threads: int = 1) -> np.ndarray:
+        """SHAP contributions to the raw score, (n_rows, n_features + 1), on ``threads`` threads."""
 
     @abstractmethod
     def importance(self, booster: Any, names: list[str]) -> pd.Series:

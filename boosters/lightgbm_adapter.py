@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightgbm as lgb
@@ -65,8 +66,16 @@ class LightGBMLibrary(BoosterLibrary):
     def predict(self, booster: Any, x: np.ndarray) -> np.ndarray:
         return booster.predict(x, num_threads=0)
 
-    def contributions(self, booster: Any, x: np.ndarray, names: list[str]) -> np.ndarray:
-        return np.asarray(booster.predict(x, pred_contrib=True))
+    def compiled(self, booster: Any, cache_dir: Path, sample: np.ndarray | None = None) -> Any:
+        from boosters.compiled import compile_lightgbm
+
+        return compile_lightgbm(booster, cache_dir, sample)
+
+    def contributions(self, booster: Any, x: np.ndarray, names: list[str], threads: int = 1) -> np.ndarray:
+        # TreeSHAP was the refresh's dearest step: each tree once per distinct way rows meet it
+        from boosters.treeshap import contributions_by_tree
+
+        return contributions_by_tree(booster, x, threads)
 
     def importance(self, booster: Any, names: list[str]) -> pd.Series:
         gain = booster.feature_importance(importance_type="gain")

@@ -39,6 +39,10 @@ EventsOpt = typer.Option(..., "--events", "-e", help="Events: a Parquet/CSV file
 UsersOpt = typer.Option(None, "--users", "-u", help="Optional users table (timezone, signup_ts, attributes).")
 AsOfOpt = typer.Option(None, "--as-of", help="Point in time (ISO 8601; naive = UTC). Default: the last event.")
 QuarantineOpt = typer.Option(None, "--quarantine", help="Move invalid event rows to this Parquet file instead of failing.")
+ClusterOpt = typer.Option(None, "--cluster", metavar="ADDRESS|local:N",
+                          help="Run on a Dask cluster: a scheduler address (tcp://host:8786), or local:N to start N "
+                               "worker processes for this command. Workers read --events/--users by path (a shared "
+                               "file system); users are split into partitions that exchange only the population priors.")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -184,15 +188,22 @@ def features(
     as_of: Optional[str] = AsOfOpt,
     out: Path = typer.Option(..., "--out", "-o", help="Folder for features.parquet (one row per user)."),
     quarantine: Optional[Path] = QuarantineOpt,
+    cluster: Optional[str] = ClusterOpt,
 ) -> None:
     """Build the point-in-time user-behaviour matrix as of a time (only events at or before it)."""
     from features.matrix import build_matrix
     from features.snapshot import FEATURES_FILE, write_snapshot
 
     cfg = current_config()
-    lg = open_events(events, users, cfg, quarantine)
-    t = resolve_as_of(parse_as_of(as_of), lg.max_ts)
-    matrix, priors = build_matrix(lg, t, cfg)
+    if cluster:
+        from features.partitioned import features_on_cluster
+
+        matrix, priors = features_on_cluster(cluster, events, users, cfg, parse_as_of(as_of), quarantine)
+        t = matrix.as_of
+    else:
+        lg = open_events(events, users, cfg, quarantine)
+        t = resolve_as_of(parse_as_of(as_of), lg.max_ts)
+        matrix, priors = build_matrix(lg, t, cfg)
     write_snapshot(out, matrix, priors, cfg, events=str(events))
     n_columns = matrix.scalars.shape[1] + len(matrix.slots) * matrix.n_slots
     typer.echo(f"{len(matrix)} users x {n_columns} features as of {t:%Y-%m-%d %H:%M} -> "
@@ -211,6 +222,7 @@ def train(
     best_params: bool = typer.Option(False, "--best-params", help="Use the best parameters found by `sendtime tune` for this task and model."),
     no_register: bool = typer.Option(False, "--no-register", help="Log the run but do not register a model version."),
     quarantine: Optional[Path] = QuarantineOpt,
+    cluster: Optional[str] = ClusterOpt,
 ) -> None:
     """Train on what happened up to --as-of, measure on a time holdout, log to MLflow and register a version."""
     from training.pipeline import train_task
@@ -222,10 +234,16 @@ def train(
         from training.tuning import best_params_for
 
         overrides = {**best_params_for(cfg, task, model), **overrides}
-    lg = open_events(events, users, cfg, quarantine)
-    result = train_task(lg, task, model, cfg, as_of=parse_as_of(as_of), overrides=overrides,
-                        register=not no_register, progress=not STATE.quiet,
-                        extra_tags={"tuned": str(bool(best_params)).lower()})
+    tags = {"tuned": str(bool(best_params)).lower()}
+    if cluster:
+        from training.distributed import train_on_cluster
+
+        result = train_on_cluster(cluster, events, users, task, model, cfg, parse_as_of(as_of), overrides,
+                                  register=not no_register, extra_tags=tags, quarantine=quarantine)
+    else:
+        lg = open_events(events, users, cfg, quarantine)
+        result = train_task(lg, task, model, cfg, as_of=parse_as_of(as_of), overrides=overrides,
+                            register=not no_register, progress=not STATE.quiet, extra_tags=tags)
     m = result.metrics
     typer.echo(f"{task}/{model}: holdout AUC {m['holdout_auc']:.4f}, log loss {m['holdout_log_loss']:.4f}, "
                f"Brier {m['holdout_brier']:.4f}, ECE {m['holdout_ece']:.4f}; run {result.run_id}"
@@ -269,6 +287,8 @@ def score(
         False, "--full",
         help="Rebuild every feature from the whole log. Without it, the current refresh's feature state is moved "
              "forward with the events since it, when the configuration is the same and the log only grew."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", metavar="ADDRESS|local:N",
+                                          help=ClusterOpt.help + " Always a full rebuild."),
 ) -> None:
     """Nightly tag refresh: champion models, features as of T, tags + tag store + feature snapshot, atomically.
 
@@ -281,9 +301,15 @@ def score(
     # the lock first, so a second run fails before loading anything
     with refresh_lock(Path(cfg.serving.serving_dir)) as lock:
         champions = load_champions(cfg)
-        lg = open_events(events, users, cfg, quarantine)
-        result = refresh_tags(lg, cfg, champions, out, parse_as_of(as_of), progress=not STATE.quiet,
-                              make_current=make_current, lock=lock, full=full)
+        if cluster:
+            from serving.partitioned import score_on_cluster
+
+            result = score_on_cluster(cluster, events, users, cfg, champions, out, parse_as_of(as_of), lock,
+                                      make_current=make_current, quarantine=quarantine)
+        else:
+            lg = open_events(events, users, cfg, quarantine)
+            result = refresh_tags(lg, cfg, champions, out, parse_as_of(as_of), progress=not STATE.quiet,
+                                  make_current=make_current, lock=lock, full=full)
     for task, why in result.missing.items():
         typer.echo(f"warning: no {task} champion; its tag columns are empty ({why})", err=True)
     typer.echo(f"features {result.features}")

@@ -10,13 +10,15 @@ The library's own adapter (``boosters``) loads, predicts and explains it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from boosters import BoosterLibrary, adapter_for_flavors, apply_calibration
+from boosters.compiled import CompilationError
 from configs import SendtimeError
 from features.rows import FeatureSpec
 
@@ -58,16 +60,45 @@ class LoadedModel:
     spec: FeatureSpec
     calibrator: dict
     booster: Any
+    # native code predicting exactly like the booster, once :meth:`compile` has checked it
+    compiled: Any = field(default=None, repr=False, compare=False)
+    compile_error: str | None = field(default=None, repr=False, compare=False)
 
-    def predict_array(self, x: np.ndarray) -> np.ndarray:
+    def __getstate__(self) -> dict:
+        # native code does not travel (to a Dask worker, say): a copy compiles again where it
+        # scores, from the disk cache
+        return {**self.__dict__, "compiled": None}
+
+    def compile(self, cache_dir: str | Path, sample: np.ndarray | None = None) -> bool:
+        """Predict with compiled trees from now on, when the library has them and they give
+        the booster's numbers bit for bit (on a probe and ``sample``); otherwise keep the
+        booster and log why, once."""
+        if self.compiled is not None or self.compile_error is not None:
+            return self.compiled is not None
+        try:
+            self.compiled = self.library.compiled(self.booster, Path(cache_dir), sample)
+        except CompilationError as exc:
+            self.compile_error = str(exc)
+            log.info("%s v%s: scoring with the %s booster: %s", self.name, self.version, self.library.name, exc)
+            return False
+        log.info("%s v%s: scoring with compiled trees (%s)", self.name, self.version, self.compiled.key[:12])
+        return True
+
+    def predict_array(self, x: np.ndarray, threads: int = 1, overwrite_input: bool = False,
+                      clean: bool = False) -> np.ndarray:
+        """Calibrated probabilities of encoded rows. For compiled trees: ``threads``; a
+        float64 ``x`` they may change (``overwrite_input``) or that has no input LightGBM reads
+        as 0 without being 0 (``clean``). A booster uses its library's own threads."""
+        if self.compiled is not None:
+            return apply_calibration(self.compiled.predict(x, threads, overwrite_input, clean), self.calibrator)
         return apply_calibration(self.library.predict(self.booster, x), self.calibrator)
 
     def predict(self, rows: pd.DataFrame) -> np.ndarray:
         return self.predict_array(self.spec.encode(rows))
 
-    def contributions(self, x: np.ndarray) -> np.ndarray:
+    def contributions(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
         """SHAP contributions to the raw score, (n_rows, n_features + 1), from the library."""
-        return self.library.contributions(self.booster, x, list(self.spec.names))
+        return self.library.contributions(self.booster, x, list(self.spec.names), threads)
 
 
 def load_registered_model(tracking_uri: str, name: str, *, alias: str | None = "champion",

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import shutil
-from contextlib import nullcontext
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,18 +23,18 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
 from configs import Config, atomic_path, resolve_as_of
 from features.events import EventLog
 from features.families import feature_catalog
 from features.snapshot import write_snapshot
 from features.state import write_state
-from serving.core import PriorTable, ScoringCore, cold_start_priors
+from serving.core import PriorTable, Scores, ScoringCore, cold_start_priors
 from serving.drift import DriftReport, check_drift
 from serving.incremental import refresh_features
 from serving.models import Champions
 from serving.plan_rules import PLAN_SENDS_FILE, PLAN_USERS_FILE, load_history
+from serving.reasons import Reasons
 from serving.tagstore import (
     Publication,
     RefreshLock,
@@ -44,7 +45,7 @@ from serving.tagstore import (
     write_store,
 )
 
-__all__ = ["TAG_COLUMNS", "RefreshResult", "refresh_tags", "tags_frame"]
+__all__ = ["TAG_COLUMNS", "RefreshResult", "refresh_tags", "tags_frame", "tags_table"]
 
 log = logging.getLogger(__name__)
 
@@ -129,23 +130,82 @@ def tags_frame(user_ids: pd.Index, scores, versions: dict[str, str | None], scor
     return tags[TAG_COLUMNS]
 
 
-def _score_everyone(core: ScoringCore, cfg: Config, progress: bool):
-    """Every user's scores, the cold-start priors they imply, and churn reasons."""
+def tags_table(user_ids: pd.Index, scores: Scores, versions: dict[str, str | None], scored_at: datetime,
+               explained: np.ndarray | None = None, reasons: Reasons | None = None) -> pa.Table:
+    """The contract's tag table from the core's scores, as Arrow columns built from the
+    arrays themselves (no Python object a user): the same table as ``tags_frame`` gives.
+
+    ``explained``: the positions whose churn reasons ``reasons`` holds, ascending; the
+    other users' reasons are null."""
+    n = len(user_ids)
+    columns: dict[str, pa.Array] = {"user_id": pa.array(np.asarray(user_ids, dtype=object), pa.string())}
+    slot = scores.slot_probs
+    if slot is not None:
+        # a user with neither a score nor a prior has no probabilities and no best slot
+        # (not a false slot 0), nor has one no message reaches
+        has = ~np.isnan(slot).all(axis=1)
+        width = slot.shape[1]
+        offsets = pa.array(np.arange(0, (n + 1) * width, width, dtype=np.int32))
+        values = pa.array(slot.astype(np.float32).reshape(-1), pa.float32())
+        columns["slot_open_probs"] = pa.ListArray.from_arrays(offsets, values, mask=pa.array(~has))
+    else:
+        columns["slot_open_probs"] = pa.nulls(n, pa.list_(pa.float32()))
+    best = scores.best_slot
+    columns["best_slot"] = pa.array(best.astype(np.int32), pa.int32(), mask=best < 0)
+    # NaN is "none" in these columns (as a frame's NaN becomes null in Parquet)
+    columns["best_slot_open_prob"] = pa.array(scores.best_prob(), pa.float64(), from_pandas=True)
+    columns["churn_prob"] = pa.array(np.asarray(scores.churn_prob, dtype=np.float64), pa.float64(), from_pandas=True)
+    columns["churn_tier"] = pa.array(scores.churn_tier, pa.string())
+    if reasons is not None and explained is not None and len(explained):
+        counts = np.zeros(n, dtype=np.int32)
+        counts[explained] = reasons.counts
+        offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+        told = np.zeros(n, dtype=bool)
+        told[explained] = True
+        columns["churn_reasons"] = pa.ListArray.from_arrays(offsets, pa.array(reasons.flat(), pa.string()),
+                                                            mask=pa.array(~told))
+    else:
+        columns["churn_reasons"] = pa.nulls(n, pa.list_(pa.string()))
+    for task in ("open", "churn"):
+        version = versions[task]
+        columns[f"{task}_model_version"] = (pa.nulls(n, pa.string()) if version is None else
+                                            pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), [version])
+                                            .cast(pa.string()))
+    stamp = pd.Timestamp(scored_at)
+    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+    columns["scored_at"] = pa.array(np.full(n, stamp.tz_localize(None).as_unit("us").to_datetime64()),
+                                    TAG_SCHEMA.field("scored_at").type)
+    columns["cold_start"] = pa.array(np.asarray(scores.cold_start, dtype=bool))
+    columns["unsubscribed"] = pa.array(np.asarray(scores.unreachable, dtype=bool))
+    return pa.Table.from_arrays([columns[c] for c in TAG_COLUMNS], schema=TAG_SCHEMA)
+
+
+@contextmanager
+def _stage(name: str, timings: dict[str, float]):
+    """Log a step's wall time, and the CPU time of the process's threads beside it (on a
+    shared machine the CPU time says what the step costs, the wall time what it waited)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    yield
+    timings[name] = time.perf_counter() - start
+    log.info("%s: %.1f s (%.1f s of CPU)", name, timings[name], time.process_time() - cpu)
+
+
+def _score_everyone(core: ScoringCore, cfg: Config, progress: bool, timings: dict[str, float]):
+    """Every user's scores, the cold-start priors they imply, and churn reasons (the
+    positions explained, ascending, and theirs)."""
     everyone = np.arange(len(core.matrix))
-    model = core.model_scores(everyone, progress)
-    priors = cold_start_priors(core.matrix.scalars, core.matrix.attributes, *model)
-    scores = core.score(everyone, PriorTable(priors), model=model)
-    reasons: list = [None] * len(everyone)
-    k, batch = cfg.serving.churn_reasons, cfg.serving.score_batch_users
+    with _stage("model scores", timings):
+        model = core.model_scores(everyone, progress)
+    with _stage("cold-start priors and tiers", timings):
+        priors = cold_start_priors(core.matrix.scalars, core.matrix.attributes, *model)
+        scores = core.score(everyone, PriorTable(priors), model=model)
+    explain, reasons = np.zeros(0, dtype=np.int64), None
+    k = cfg.serving.churn_reasons
     if core.champions.churn and k:
-        explain = core.explain_positions(scores.churn_tier, scores.cold_start)
-        catalog = feature_catalog(cfg)
-        for start in tqdm(range(0, len(explain), batch), desc="explaining churn risk", unit="batch",
-                          disable=not progress or not len(explain)):
-            part = explain[start:start + batch]
-            for i, r in zip(part, core.churn_reasons(part, k, catalog)):
-                reasons[i] = r
-    return scores, priors, reasons
+        with _stage("churn reasons", timings):
+            explain = core.explain_positions(scores.churn_tier, scores.cold_start)
+            reasons = core.explain_churn(explain, k, feature_catalog(cfg), progress)
+    return scores, priors, explain, reasons
 
 
 def refresh_tags(log_: EventLog, cfg: Config, champions: Champions, out: Path | None,
@@ -180,24 +240,30 @@ def _refresh_locked(log_: EventLog, cfg: Config, champions: Champions, out: Path
         del features   # the state's arrays are on disk; the matrix is what scoring needs
         log.info("features ready: %d users; scoring %d slots each", len(matrix), matrix.n_slots)
         scored_at = datetime.now(timezone.utc)
-        core = ScoringCore(champions, matrix, cfg)
-        scores, priors, reasons = _score_everyone(core, cfg, progress)
-        tags = tags_frame(matrix.user_ids, scores, champions.versions(), scored_at, reasons)
-        table = pa.Table.from_pandas(tags, schema=TAG_SCHEMA, preserve_index=False)
-        pq.write_table(table, building.tags)
-        priors.to_parquet(building.priors, index=False)
-        manifest = write_snapshot(
-            building.root, matrix, population, cfg,
-            refresh_id=refresh_id, scored_at=scored_at.isoformat(),
-            n_cold_start=int(tags["cold_start"].sum()), model_versions=champions.versions(),
-            churn_tier_cutoffs=scores.cutoffs, missing_tasks=champions.missing,
-            events=log_.sources.get("events", ""), features=features_note)
-        write_store(building, priors, manifest)
+        timings: dict[str, float] = {}
+        with _stage("scoring core", timings):
+            core = ScoringCore(champions, matrix, cfg)
+        scores, priors, explained, reasons = _score_everyone(core, cfg, progress, timings)
+        with _stage("tag table", timings):
+            table = tags_table(matrix.user_ids, scores, champions.versions(), scored_at, explained, reasons)
+            pq.write_table(table, building.tags)
+            priors.to_parquet(building.priors, index=False)
+        n_cold_start = int(np.count_nonzero(scores.cold_start))
+        with _stage("feature snapshot", timings):
+            manifest = write_snapshot(
+                building.root, matrix, population, cfg,
+                refresh_id=refresh_id, scored_at=scored_at.isoformat(),
+                n_cold_start=n_cold_start, model_versions=champions.versions(),
+                churn_tier_cutoffs=scores.cutoffs, missing_tasks=champions.missing,
+                events=log_.sources.get("events", ""), features=features_note)
+        with _stage("tag store", timings):
+            write_store(building, priors, manifest)
         # what the campaign rules need of each user, as of T, for POST /plan (the service
         # never reads the log): streaks, first seen, and the recent sends
-        history = load_history(log_, as_of, cfg.serving.max_window_hours, cfg)
-        history.users.to_parquet(building.root / PLAN_USERS_FILE, index=False)
-        history.sends.to_parquet(building.root / PLAN_SENDS_FILE, index=False)
+        with _stage("campaign rules' history", timings):
+            history = load_history(log_, as_of, cfg.serving.max_window_hours, cfg)
+            history.users.to_parquet(building.root / PLAN_USERS_FILE, index=False)
+            history.sends.to_parquet(building.root / PLAN_SENDS_FILE, index=False)
         with atomic_path(out) if out is not None else nullcontext() as staged:
             if staged is not None:
                 pq.write_table(table, staged)
@@ -220,6 +286,6 @@ def _refresh_locked(log_: EventLog, cfg: Config, champions: Champions, out: Path
     drift = check_drift(matrix, scores, champions, cfg, refresh_id=refresh_id)
     published = publication.paths
     return RefreshResult(tags_path=Path(out) if out else published.tags, refresh=published,
-                         n_users=len(tags), n_cold_start=int(tags["cold_start"].sum()),
+                         n_users=table.num_rows, n_cold_start=n_cold_start,
                          versions=champions.versions(), missing=champions.missing, publication=publication,
                          features=features_note, drift=drift)
