@@ -13,7 +13,6 @@ that user-partitioned chunks (the Dask path) only need the priors exchanged.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -24,7 +23,7 @@ import pyarrow as pa
 from configs import Config
 from features.events import EventLog
 from features.families import sql_ts
-from features.state import SLOT_COUNTS, FeatureState, build_state, scalar_frame
+from features.state import SLOT_COUNTS, FeatureState, build_state, scalar_frame, stage_timer
 
 __all__ = [
     "SLOT_FAMILIES",
@@ -381,14 +380,7 @@ def build_matrix(
     ``state`` when the feature state as of ``as_of`` is at hand (the incremental refresh
     moves yesterday's forward instead of reading the whole log).
     """
-    clock = time.perf_counter()
-
-    def stage(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        logger.debug("features as of %s: %s in %.1f s", as_of, name, now - clock)
-        clock = now
-
+    stage = stage_timer(f"features as of {as_of}")
     if state is None:
         state = build_state(log, as_of, cfg)
     elif state.as_of != as_of:

@@ -180,15 +180,22 @@ def _add_slots(out: np.ndarray, frame: pd.DataFrame, column: str) -> None:
 
 # --------------------------------------------------------------------------- the full build
 
-def build_state(log: EventLog, as_of: datetime, cfg: Config) -> FeatureState:
-    """Every known user's aggregates as of ``as_of`` from the whole log (events ts <= T)."""
+def stage_timer(what: str):
+    """A callable logging (debug) the seconds since its last call, named by stage."""
     clock = time.perf_counter()
 
     def stage(name: str) -> None:
         nonlocal clock
         now = time.perf_counter()
-        logger.debug("feature state as of %s: %s in %.1f s", as_of, name, now - clock)
+        logger.debug("%s: %s in %.1f s", what, name, now - clock)
         clock = now
+
+    return stage
+
+
+def build_state(log: EventLog, as_of: datetime, cfg: Config) -> FeatureState:
+    """Every known user's aggregates as of ``as_of`` from the whole log (events ts <= T)."""
+    stage = stage_timer(f"feature state as of {as_of}")
 
     t = sql_ts(as_of)
     aggs = _scan_aggregates(cfg)
