@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -183,29 +184,40 @@ def tags_table(user_ids: pd.Index, scores: Scores, versions: dict[str, str | Non
 @contextmanager
 def _stage(name: str, timings: dict[str, float]):
     """Log a step's wall time, and the CPU time of the process's threads beside it (on a
-    shared machine the CPU time says what the step costs, the wall time what it waited)."""
+    shared machine the CPU time says what the step costs, the wall time what it waited;
+    steps that overlap share both)."""
     start, cpu = time.perf_counter(), time.process_time()
     yield
     timings[name] = time.perf_counter() - start
     log.info("%s: %.1f s (%.1f s of CPU)", name, timings[name], time.process_time() - cpu)
 
 
-def _score_everyone(core: ScoringCore, cfg: Config, progress: bool, timings: dict[str, float]):
-    """Every user's scores, the cold-start priors they imply, and churn reasons (the
-    positions explained, ascending, and theirs)."""
+def _timed(name: str, timings: dict[str, float], step, *args, **kwargs):
+    with _stage(name, timings):
+        return step(*args, **kwargs)
+
+
+def _score_everyone(core: ScoringCore, progress: bool, timings: dict[str, float]) -> tuple[Scores, pd.DataFrame]:
+    """Every user's scores and the cold-start priors they imply."""
     everyone = np.arange(len(core.matrix))
     with _stage("model scores", timings):
         model = core.model_scores(everyone, progress)
     with _stage("cold-start priors and tiers", timings):
         priors = cold_start_priors(core.matrix.scalars, core.matrix.attributes, *model)
         scores = core.score(everyone, PriorTable(priors), model=model)
-    explain, reasons = np.zeros(0, dtype=np.int64), None
+    return scores, priors
+
+
+def _explain_everyone(core: ScoringCore, scores: Scores, cfg: Config, progress: bool,
+                      timings: dict[str, float]) -> tuple[np.ndarray, Reasons | None]:
+    """Churn reasons of the users at or above the configured tier: (their positions,
+    ascending, and their reasons)."""
     k = cfg.serving.churn_reasons
-    if core.champions.churn and k:
-        with _stage("churn reasons", timings):
-            explain = core.explain_positions(scores.churn_tier, scores.cold_start)
-            reasons = core.explain_churn(explain, k, feature_catalog(cfg), progress)
-    return scores, priors, explain, reasons
+    if not (core.champions.churn and k):
+        return np.zeros(0, dtype=np.int64), None
+    with _stage("churn reasons", timings):
+        explain = core.explain_positions(scores.churn_tier, scores.cold_start)
+        return explain, core.explain_churn(explain, k, feature_catalog(cfg), progress)
 
 
 def refresh_tags(log_: EventLog, cfg: Config, champions: Champions, out: Path | None,
@@ -243,19 +255,23 @@ def _refresh_locked(log_: EventLog, cfg: Config, champions: Champions, out: Path
         timings: dict[str, float] = {}
         with _stage("scoring core", timings):
             core = ScoringCore(champions, matrix, cfg)
-        scores, priors, explained, reasons = _score_everyone(core, cfg, progress, timings)
-        with _stage("tag table", timings):
-            table = tags_table(matrix.user_ids, scores, champions.versions(), scored_at, explained, reasons)
-            pq.write_table(table, building.tags)
-            priors.to_parquet(building.priors, index=False)
+        scores, priors = _score_everyone(core, progress, timings)
         n_cold_start = int(np.count_nonzero(scores.cold_start))
-        with _stage("feature snapshot", timings):
-            manifest = write_snapshot(
+        # the snapshot needs the scores but not the reasons: Parquet encodes it on one core
+        # while TreeSHAP and the tag table take the rest (the two overlap in the log's times)
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            snapshot = writer.submit(_timed, "feature snapshot", timings, write_snapshot,
                 building.root, matrix, population, cfg,
                 refresh_id=refresh_id, scored_at=scored_at.isoformat(),
                 n_cold_start=n_cold_start, model_versions=champions.versions(),
                 churn_tier_cutoffs=scores.cutoffs, missing_tasks=champions.missing,
                 events=log_.sources.get("events", ""), features=features_note)
+            explained, reasons = _explain_everyone(core, scores, cfg, progress, timings)
+            with _stage("tag table", timings):
+                table = tags_table(matrix.user_ids, scores, champions.versions(), scored_at, explained, reasons)
+                pq.write_table(table, building.tags)
+                priors.to_parquet(building.priors, index=False)
+            manifest = snapshot.result()
         with _stage("tag store", timings):
             write_store(building, priors, manifest)
         # what the campaign rules need of each user, as of T, for POST /plan (the service
