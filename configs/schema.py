@@ -95,6 +95,8 @@ class FeatureConfig(_Frozen):
     circular_kernel: tuple[float, ...]
     session_kernel: tuple[float, ...]
     profile_rank: int = Field(ge=0, le=24)
+    decay_half_lives_days: tuple[float, ...] = ()
+    slot_half_life_days: float = Field(default=0.0, ge=0)
     materialize_max_rows: int = Field(ge=0)
     duckdb_memory_limit: str = ""
     max_attribute_levels: int = Field(gt=1)

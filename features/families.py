@@ -28,7 +28,7 @@ import pandas as pd
 
 from configs import Config
 
-__all__ = ["COUNTED_EVENTS", "Aggregate", "Column", "Count", "DerivedFamily", "Ever", "First", "Last", "ScanFamily",
+__all__ = ["COUNTED_EVENTS", "Aggregate", "Column", "Count", "Decayed", "DerivedFamily", "Ever", "First", "Last", "ScanFamily",
            "StateFamily", "Sum", "active_days_column",
            "check_declarations", "count_column", "days_since_column", "describe_features", "feature_catalog", "phrase",
            "scalar_families", "sql_ts"]
@@ -111,13 +111,23 @@ class First:
 
 
 @dataclass(frozen=True)
+class Decayed:
+    """Events matching ``condition`` up to T, each weighing 2^(-age / half_life): the whole
+    history, the recent part counting most. Moves forward by decaying the old value by the
+    time passed and adding the new events' weights."""
+
+    condition: str
+    half_life: timedelta
+
+
+@dataclass(frozen=True)
 class Ever:
     """1 when any event up to T matches ``condition``."""
 
     condition: str
 
 
-Aggregate = Count | Sum | Last | First | Ever
+Aggregate = Count | Sum | Last | First | Ever | Decayed
 
 
 @dataclass(frozen=True)
@@ -193,6 +203,9 @@ def _recency(cfg: Config) -> list[tuple[Column, Aggregate]]:
     out.append((Column("days_since_first_event", "days since the user's first event of any kind",
                        lambda v: f"first seen {_days(v)} ago" if v == v else "never seen"),
                 First("true")))
+    out.append((Column("days_since_first_engagement", "days since the user's first engagement event",
+                       lambda v: f"first active {_days(v)} ago" if v == v else "never active"),
+                First(f"event IN ({cfg.labels.engagement_sql()})")))
     return out
 
 
@@ -201,6 +214,29 @@ def _value(cfg: Config) -> list[tuple[Column, Aggregate]]:
     return [(Column(f"value_{longest}d", f"purchase value in the {longest} days up to T",
                     lambda v, d=longest: f"purchases worth {v:.0f} in the last {d} days"),
              Sum("coalesce(value, 0)", "event = 'purchase'", timedelta(days=longest)))]
+
+
+def _lifetime(cfg: Config) -> list[tuple[Column, Aggregate]]:
+    engagement = f"event IN ({cfg.labels.engagement_sql()})"
+    out = [(Column(f"{event}s_ever", f"{_NOUNS[event]} up to T, the whole history",
+                   lambda v, n=_NOUNS[event]: f"{v:.0f} {n} in all"),
+            Count(f"event = '{event}'")) for event in COUNTED_EVENTS]
+    out.append((Column("engagements_ever", "engagement events up to T, the whole history",
+                       lambda v: f"{v:.0f} engagements in all"), Count(engagement)))
+    out.append((Column("value_ever", "purchase value up to T, the whole history",
+                       lambda v: f"purchases worth {v:.0f} in all"), Sum("coalesce(value, 0)", "event = 'purchase'")))
+    return out
+
+
+def decayed_column(event: str, half_life_days: float) -> str:
+    return f"{event}s_decayed_{half_life_days:g}d"
+
+
+def _decayed(cfg: Config) -> list[tuple[Column, Aggregate]]:
+    return [(Column(decayed_column(event, h), f"{_NOUNS[event]} up to T, each weighing 2^(-age / {h:g} days)",
+                    lambda v, n=_NOUNS[event], h=h: f"{v:.1f} recent-weighted {n} (half-life {h:g} days)"),
+             Decayed(f"event = '{event}'", timedelta(days=h)))
+            for h in cfg.features.decay_half_lives_days for event in COUNTED_EVENTS]
 
 
 def _bookkeeping(cfg: Config) -> list[tuple[Column, Aggregate]]:
@@ -215,6 +251,38 @@ def _active_days_columns(cfg: Config) -> list[Column]:
     return [Column(active_days_column(d), f"distinct days with an engagement event in the last {d} days",
                    lambda v, d=d: f"{v:.0f} active days in the last {d} days")
             for d in cfg.features.frequency_windows_days]
+
+
+def _rhythm_columns(cfg: Config) -> list[Column]:
+    return [Column("active_days_ever", "distinct days with an engagement event up to T, the whole history",
+                   lambda v: f"{v:.0f} active days in all"),
+            Column("active_span_days", "days from the first to the last active day (0: one or none)",
+                   lambda v: f"active over a span of {_days(v)}"),
+            Column("active_gap_sq_days", "sum of squared gaps between consecutive active days (bookkeeping)")]
+
+
+def _rhythm_derived_columns(cfg: Config) -> list[Column]:
+    return [Column("mean_active_gap_days", "mean days between consecutive active days (missing: under two)",
+                   lambda v: f"active every {v:.1f} days on average" if v == v else "too few active days"),
+            Column("active_gap_cv", "spread of the gaps between active days over their mean",
+                   lambda v: f"irregular rhythm (gap spread {v:.2f})" if v == v else "too few active days"),
+            Column("overdue_ratio", "days since the last engagement over the user's mean gap (>1: overdue)",
+                   lambda v: f"{v:.1f}x their usual gap since the last activity" if v == v
+                   else "no rhythm yet"),
+            Column("lifetime_active_rate", "active days per day since the first engagement",
+                   lambda v: f"active on {v:.0%} of days since first seen" if v == v else "never active")]
+
+
+def _rhythm(frame: pd.DataFrame, cfg: Config) -> dict[str, pd.Series]:
+    n = frame["active_days_ever"]
+    span = frame["active_span_days"]
+    gaps = (n - 1).where(n >= 2)
+    mean = span / gaps
+    var = (frame["active_gap_sq_days"] / gaps - mean ** 2).clip(lower=0)
+    age = frame["days_since_first_engagement"]
+    return {"mean_active_gap_days": mean, "active_gap_cv": var ** 0.5 / mean.where(mean > 0),
+            "overdue_ratio": frame["days_since_engagement"] / mean.where(mean > 0),
+            "lifetime_active_rate": n / (age.clip(lower=0) + 1.0)}
 
 
 def _response_columns(cfg: Config) -> list[Column]:
@@ -263,14 +331,18 @@ def scalar_families() -> tuple[Family, ...]:
         ScanFamily("fatigue", ("send",), _fatigue),
         ScanFamily("recency", ("open", "session", "purchase", "send", "click"), _recency, fill=None),
         ScanFamily("value", ("purchase",), _value),
+        ScanFamily("lifetime", COUNTED_EVENTS, _lifetime),
+        ScanFamily("decayed", COUNTED_EVENTS, _decayed),
         ScanFamily("bookkeeping", ("unsubscribe",), _bookkeeping),
         StateFamily("active_days", ("open", "click", "purchase", "session"), _active_days_columns),
+        StateFamily("rhythm", ("open", "click", "purchase", "session"), _rhythm_columns),
         StateFamily("reachability", ("send", "unsubscribe"),
                     lambda cfg: [Column("unreachable", "1 when the user unsubscribed after their last send",
                                         lambda v: "unsubscribed since the last message" if v > 0
                                         else "still receives messages")]),
         StateFamily("response", ("send", "open"), _response_columns),
         DerivedFamily("trends", ("open", "session", "send"), _trend_columns, _trends),
+        DerivedFamily("rhythm_derived", ("open", "click", "purchase", "session"), _rhythm_derived_columns, _rhythm),
     )
 
 

@@ -23,7 +23,7 @@ import pyarrow as pa
 from configs import Config
 from features.events import EventLog
 from features.families import sql_ts
-from features.state import SLOT_COUNTS, FeatureState, build_state, scalar_frame, stage_timer
+from features.state import DECAYED, SLOT_COUNTS, FeatureState, build_state, scalar_frame, stage_timer
 
 __all__ = [
     "SLOT_FAMILIES",
@@ -60,7 +60,11 @@ SLOT_FAMILIES: tuple[str, ...] = (
     "session_rank",     # rank of session_circ within the user (0 = busiest slot)
     "pooled_rate",      # circ_rate x session_circ: the user's open rate shaped by app use
     "pooled_rank",      # rank of pooled_rate within the user
-)
+) + tuple(f"decayed_{name}" for name in (
+    # the same pooling over the whole history, each event weighted by its age
+    # (features.slot_half_life_days): old evidence counts, recent evidence counts more
+    "eb_rate", "circ_rate", "rate_rank", "open_at_share", "session_circ", "session_rank",
+    "pooled_rate", "pooled_rank"))
 
 
 @dataclass
@@ -394,6 +398,12 @@ def build_matrix(
     universe = user_attributes(log, state.index)
     stage("population priors and attributes")
     families, user_rate = slot_features_in_blocks(counts, priors, cfg)
+    if "sends" + DECAYED in state.slots:
+        decayed = SlotCounts(user_ids=state.user_ids,
+                             **{k: state.slots[k + DECAYED].astype(np.float64) for k in SLOT_COUNTS})
+        pooled, _ = slot_features_in_blocks(decayed, priors, cfg)
+        families.update({name: pooled[name[len("decayed_"):]] for name in SLOT_FAMILIES if name.startswith("decayed_")})
+        del decayed, pooled
     stage("per-slot pooling")
     scalars = scalar_frame(state, cfg)
     stage("recency, frequency, fatigue, trends")

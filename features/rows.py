@@ -18,7 +18,7 @@ from features.matrix import UserMatrix
 __all__ = ["FeatureSpec", "ModelRows", "open_rows", "churn_rows", "all_slot_rows", "encode_all_slot_rows"]
 
 # identifiers and bookkeeping that are not model inputs
-_NOT_FEATURES = {"n_events", "has_history"}
+_NOT_FEATURES = {"n_events", "has_history", "active_gap_sq_days"}
 
 # churn rows' summaries of the slot profile: column -> the per-slot family it is the max of
 _SLOT_SUMMARIES = {"best_slot_rate": "circ_rate", "peak_session_share": "session_share"}

@@ -37,6 +37,7 @@ from features.attribution import attributed_sends_sql, slot_expr
 from features.events import EventLog
 from features.families import (
     Count,
+    Decayed,
     DerivedFamily,
     Ever,
     First,
@@ -56,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 # raw per-slot counts the per-slot families are derived from
 SLOT_COUNTS = ("sends", "opened", "sessions", "opens_at", "purchases_at")
+# the same over the whole history, each event weighing 2^(-age / features.slot_half_life_days)
+DECAYED = "_decayed"
 NONE_LATE = -(2**62)     # µs: "no such event" for a last-time aggregate (combined with max)
 NONE_EARLY = 2**62       # ... and for a first-time aggregate (combined with min)
 STATE_DIR = "feature_state"
@@ -82,6 +85,9 @@ class FeatureState:
     last_send: np.ndarray | None = None      # µs of the last send up to T
     last_send_channel: np.ndarray | None = None
     unreachable: np.ndarray | None = None    # bool
+    # active days over the whole history: count, first and last day (days since 1970, -1:
+    # none) and the sum of squared gaps between consecutive ones
+    rhythm: dict[str, np.ndarray] = field(default_factory=dict)
     fills: dict[str, int | float] = field(default_factory=dict)    # scan column -> value of "no events"
 
     def __len__(self) -> int:
@@ -100,6 +106,9 @@ class FeatureState:
 
 
 # --------------------------------------------------------------------------- helpers
+
+_RHYTHM_EMPTY = {"n": 0, "first": -1, "last": -1, "sq": 0}
+
 
 def _us(value: datetime) -> int:
     return int(pd.Timestamp(value).value // 1000)
@@ -137,7 +146,8 @@ def _reindex(state: FeatureState, ids: np.ndarray, rows: np.ndarray) -> FeatureS
         active=pick(state.active), last_opened=pick(state.last_opened, NONE_LATE), streak=pick(state.streak),
         history_sends=pick(state.history_sends), matured={k: pick(v) for k, v in state.matured.items()},
         last_send=pick(state.last_send, NONE_LATE), last_send_channel=pick(state.last_send_channel, None),
-        unreachable=pick(state.unreachable, False), fills=dict(state.fills))
+        unreachable=pick(state.unreachable, False),
+        rhythm={k: pick(v, _RHYTHM_EMPTY[k]) for k, v in state.rhythm.items()}, fills=dict(state.fills))
 
 
 def _dense(ids: np.ndarray, frame: pd.DataFrame, column: str, dtype, fill=0) -> np.ndarray:
@@ -225,6 +235,12 @@ def build_state(log: EventLog, as_of: datetime, cfg: Config) -> FeatureState:
         state.slots[name] = np.zeros((len(ids), n_slots), dtype=np.int32)
         _add_slots(state.slots[name], acts, name)
     del acts
+    if cfg.features.slot_half_life_days:
+        acts = _query_pos(log, state, _decayed_activity_sql(cfg, None, as_of))
+        for name in ("sessions", "opens_at", "purchases_at"):
+            state.slots[name + DECAYED] = np.zeros((len(ids), n_slots), dtype=np.float64)
+            _add_slots(state.slots[name + DECAYED], acts, name)
+        del acts
     stage("per-slot activity")
     _attributed_full(log, as_of, cfg, state)
     stage("attributed sends")
@@ -233,6 +249,8 @@ def build_state(log: EventLog, as_of: datetime, cfg: Config) -> FeatureState:
     stage("active days")
     _reach_full(log, as_of, state)
     stage("reachability")
+    _rhythm_full(log, as_of, cfg, state)
+    stage("rhythm")
     return state
 
 
@@ -243,7 +261,7 @@ def _dtype_of(agg) -> tuple:
         return (np.int64, NONE_EARLY)
     if isinstance(agg, Ever):
         return (np.int8, 0)
-    if isinstance(agg, Sum):
+    if isinstance(agg, Sum | Decayed):
         return (np.float64, 0.0)
     return (np.int64, 0)
 
@@ -256,11 +274,37 @@ def _full_sql(agg, as_of: datetime) -> str:
         if isinstance(agg, Count):
             return f"count(*) FILTER (WHERE {cond})"
         return f"coalesce(sum({agg.expr}) FILTER (WHERE {cond}), 0)"
+    if isinstance(agg, Decayed):
+        return f"coalesce(sum({_weight_sql(as_of, agg.half_life)}) FILTER (WHERE {agg.condition}), 0.0)"
     if isinstance(agg, Last):
         return f"coalesce(epoch_us(max(ts) FILTER (WHERE {agg.condition})), {NONE_LATE})"
     if isinstance(agg, First):
         return f"coalesce(epoch_us(min(ts) FILTER (WHERE {agg.condition})), {NONE_EARLY})"
     return f"CAST(bool_or({agg.condition}) AS INTEGER)"
+
+
+def _weight_sql(as_of: datetime, half_life: timedelta) -> str:
+    """An event's weight at ``as_of``: 2^(-age / half_life)."""
+    return f"pow(2.0, (epoch_us(ts) - {_us(as_of)}) / {half_life.total_seconds() * 1e6})"
+
+
+def _decay(since: datetime, until: datetime, half_life: timedelta) -> float:
+    """What a weight at ``since`` is worth at ``until``."""
+    return float(2.0 ** (-(until - since).total_seconds() / half_life.total_seconds()))
+
+
+def _decayed_activity_sql(cfg: Config, since: datetime | None, until: datetime) -> str:
+    """Sessions, opens and purchases by (user, slot) in (since, until] (None: the whole
+    history), each weighing 2^(-age at ``until`` / the slot half-life)."""
+    w = _weight_sql(until, timedelta(days=cfg.features.slot_half_life_days))
+    lower = f"ts > {sql_ts(since)} AND " if since is not None else ""
+    return f"""SELECT user_id, CAST({slot_expr(cfg.slots.kind)} AS SMALLINT) AS slot,
+               coalesce(sum({w}) FILTER (WHERE event = 'session'), 0.0) AS sessions,
+               coalesce(sum({w}) FILTER (WHERE event = 'open'), 0.0) AS opens_at,
+               coalesce(sum({w}) FILTER (WHERE event = 'purchase'), 0.0) AS purchases_at
+        FROM events_local
+        WHERE event IN ('session', 'open', 'purchase') AND {lower}ts <= {sql_ts(until)}
+        GROUP BY ALL"""
 
 
 def _activity_sql(cfg: Config, parts: list[tuple[datetime, datetime, int]]) -> str:
@@ -282,29 +326,46 @@ def _attributed_full(log: EventLog, as_of: datetime, cfg: Config, state: Feature
     history, window, _ = _windows(cfg)
     ids, n_slots = state.user_ids, cfg.slots.n_slots
     since, matured = as_of - history, as_of - window
-    sends = attributed_sends_sql(since, as_of, as_of, window.total_seconds() / 3600, cfg.slots.kind)
+    decayed = cfg.features.slot_half_life_days > 0
+    # with decayed per-slot evidence every send of the log is attributed; the windowed
+    # aggregates below keep to the history window
+    first = log.query_df("SELECT min(ts) AS t FROM events")["t"].iloc[0] if decayed else None
+    start = min(since, pd.Timestamp(first).to_pydatetime() - timedelta(seconds=1)) if first is not None else since
+    sends = attributed_sends_sql(start, as_of, as_of, window.total_seconds() / 3600, cfg.slots.kind)
     log.con.execute(f"CREATE OR REPLACE TEMP TABLE _attributed AS SELECT user_id, ts, slot, opened FROM ({sends})")
+    in_history = f"a.ts > {sql_ts(since)}"
     try:
         by_slot = _query_pos(log, state,
             f"""SELECT user_id, CAST(slot AS SMALLINT) AS slot, CAST(count(*) AS INTEGER) AS n,
                        CAST(count(*) FILTER (WHERE opened) AS INTEGER) AS k
-                FROM _attributed WHERE ts <= {sql_ts(matured)} GROUP BY ALL""")
+                FROM _attributed a WHERE a.ts <= {sql_ts(matured)} AND {in_history} GROUP BY ALL""")
         state.slots["sends"] = np.zeros((len(ids), n_slots), dtype=np.int32)
         state.slots["opened"] = np.zeros((len(ids), n_slots), dtype=np.int32)
         _add_slots(state.slots["sends"], by_slot, "n")
         _add_slots(state.slots["opened"], by_slot, "k")
         del by_slot
+        if decayed:
+            w = _weight_sql(as_of, timedelta(days=cfg.features.slot_half_life_days))
+            by_slot = _query_pos(log, state,
+                f"""SELECT user_id, CAST(slot AS SMALLINT) AS slot, sum({w}) AS n,
+                           coalesce(sum({w}) FILTER (WHERE opened), 0.0) AS k
+                    FROM _attributed WHERE ts <= {sql_ts(matured)} GROUP BY ALL""")
+            for name, column in (("sends", "n"), ("opened", "k")):
+                state.slots[name + DECAYED] = np.zeros((len(ids), n_slots), dtype=np.float64)
+                _add_slots(state.slots[name + DECAYED], by_slot, column)
+            del by_slot
         windows = ", ".join(
             f"count(*) FILTER (WHERE a.ts <= {sql_ts(matured)} AND a.ts > {sql_ts(_matured_floor(as_of, cfg, d))}) "
             f"AS s{d}, count(*) FILTER (WHERE a.opened AND a.ts <= {sql_ts(matured)} "
             f"AND a.ts > {sql_ts(_matured_floor(as_of, cfg, d))}) AS o{d}"
             for d in cfg.features.frequency_windows_days)
         users = _query_pos(log, state,
-            f"""WITH lo AS (SELECT user_id, max(ts) FILTER (WHERE opened) AS last_opened FROM _attributed GROUP BY 1)
+            f"""WITH lo AS (SELECT user_id, max(ts) FILTER (WHERE opened) AS last_opened FROM _attributed a
+                            WHERE {in_history} GROUP BY 1)
                 SELECT a.user_id, coalesce(epoch_us(any_value(l.last_opened)), {NONE_LATE}) AS last_opened,
                        count(*) FILTER (WHERE l.last_opened IS NULL OR a.ts > l.last_opened) AS streak,
                        count(*) AS history_sends, {windows}
-                FROM _attributed a LEFT JOIN lo l USING (user_id) GROUP BY a.user_id""")
+                FROM _attributed a LEFT JOIN lo l USING (user_id) WHERE {in_history} GROUP BY a.user_id""")
     finally:
         log.con.execute("DROP TABLE IF EXISTS _attributed")
     state.last_opened = _dense(ids, users, "last_opened", np.int64, NONE_LATE)
@@ -335,6 +396,47 @@ def _mark_active(log: EventLog, state: FeatureState, since: datetime, until: dat
         j = days["j"].to_numpy()
         ok = (days["_pos"].to_numpy() >= 0) & (j >= 0) & (j < longest)
         state.active[days["_pos"].to_numpy()[ok], j[ok]] = 1
+
+
+_EPOCH_DAY = "CAST(date_diff('day', DATE '1970-01-01', CAST(ts AS DATE)) AS INTEGER)"
+
+
+def _rhythm_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState) -> None:
+    """Active days over the whole history and the gaps between them."""
+    rows = _query_pos(log, state,
+        f"""WITH d AS (SELECT DISTINCT user_id, {_EPOCH_DAY} AS day FROM events
+                       WHERE event IN ({cfg.labels.engagement_sql()}) AND ts <= {sql_ts(as_of)}),
+                 g AS (SELECT user_id, day, day - lag(day) OVER (PARTITION BY user_id ORDER BY day) AS gap FROM d)
+            SELECT user_id, CAST(count(*) AS INTEGER) AS n, min(day) AS first, max(day) AS last,
+                   CAST(coalesce(sum(gap * gap), 0) AS BIGINT) AS sq
+            FROM g GROUP BY user_id""")
+    ids = state.user_ids
+    state.rhythm = {"n": _dense(ids, rows, "n", np.int32), "first": _dense(ids, rows, "first", np.int32, -1),
+                    "last": _dense(ids, rows, "last", np.int32, -1), "sq": _dense(ids, rows, "sq", np.int64)}
+
+
+def _rhythm_advance(log: EventLog, moved: FeatureState, old_t: datetime, new_t: datetime, cfg: Config) -> None:
+    """Add the active days of (T, T'] after each user's last one, chaining the gaps."""
+    rows = _query_pos(log, moved,
+        f"""SELECT DISTINCT user_id, {_EPOCH_DAY} AS day FROM events
+            WHERE event IN ({cfg.labels.engagement_sql()}) AND ts > {sql_ts(old_t)} AND ts <= {sql_ts(new_t)}""")
+    if not len(rows):
+        return
+    r = moved.rhythm
+    pos, day = rows["_pos"].to_numpy(np.int64), rows["day"].to_numpy(np.int64)
+    keep = day > r["last"][pos]          # the day of T may already be counted
+    pos, day = pos[keep], day[keep]
+    order = np.lexsort((day, pos))
+    pos, day = pos[order], day[order]
+    same = np.r_[False, pos[1:] == pos[:-1]]
+    prev = np.where(same, np.r_[0, day[:-1]], r["last"][pos])
+    gap = np.where(prev >= 0, day - prev, 0)
+    np.add.at(r["n"], pos, 1)
+    np.add.at(r["sq"], pos, gap * gap)
+    first = r["first"]
+    start = ~same & (first[pos] < 0)
+    first[pos[start]] = day[start]
+    np.maximum.at(r["last"], pos, day.astype(r["last"].dtype))
 
 
 def _reach_full(log: EventLog, as_of: datetime, state: FeatureState) -> None:
@@ -402,6 +504,8 @@ def advance(log: EventLog, state: FeatureState, as_of: datetime, cfg: Config) ->
             moved.scan[name] = np.minimum(old, new)
         elif isinstance(agg, Ever):
             moved.scan[name] = np.maximum(old, _dense(ids, scan, name, np.int8))
+        elif isinstance(agg, Decayed):
+            moved.scan[name] = old * _decay(old_t, new_t, agg.half_life) + _dense(ids, scan, name, np.float64)
         else:
             dtype, _ = _dtype_of(agg)
             change = _dense(ids, scan, name, dtype)
@@ -414,6 +518,14 @@ def advance(log: EventLog, state: FeatureState, as_of: datetime, cfg: Config) ->
     for name in ("sessions", "opens_at", "purchases_at"):
         _add_slots(moved.slots[name], acts, name)
     del acts
+    if cfg.features.slot_half_life_days:
+        factor = _decay(old_t, new_t, timedelta(days=cfg.features.slot_half_life_days))
+        for name in SLOT_COUNTS:
+            moved.slots[name + DECAYED] = moved.slots[name + DECAYED] * factor
+        acts = _query_pos(log, moved, _decayed_activity_sql(cfg, old_t, new_t))
+        for name in ("sessions", "opens_at", "purchases_at"):
+            _add_slots(moved.slots[name + DECAYED], acts, name)
+        del acts
     _attributed_advance(log, moved, old_t, new_t, cfg, state)
     # active dates: shift by the days T' moved, then mark the new events' dates
     shift = (pd.Timestamp(new_t).normalize() - pd.Timestamp(old_t).normalize()).days
@@ -422,12 +534,15 @@ def advance(log: EventLog, state: FeatureState, as_of: datetime, cfg: Config) ->
         moved.active = np.concatenate([kept, np.zeros((len(ids), shift), dtype=np.uint8)], axis=1)
     _mark_active(log, moved, old_t, new_t, new_t, cfg)
     _reach_advance(log, moved, old_t, new_t)
+    _rhythm_advance(log, moved, old_t, new_t, cfg)
     logger.debug("feature state %s -> %s in %.1f s", old_t, new_t, time.perf_counter() - clock)
     return moved
 
 
 def _delta_sql(agg, old_t: datetime, new_t: datetime, slide_ranges: list) -> str:
     t0 = sql_ts(old_t)
+    if isinstance(agg, Decayed):
+        return f"coalesce(sum({_weight_sql(new_t, agg.half_life)}) FILTER (WHERE {agg.condition} AND ts > {t0}), 0.0)"
     if isinstance(agg, Last):
         return f"coalesce(epoch_us(max(ts) FILTER (WHERE {agg.condition} AND ts > {t0})), {NONE_LATE})"
     if isinstance(agg, First):
@@ -466,6 +581,15 @@ def _attributed_advance(log: EventLog, moved: FeatureState, old_t: datetime, new
     add = recent[(recent["ts"] > m0) & (recent["ts"] <= m1)]
     sign_slots(moved, add, +1)
     sign_slots(moved, gone, -1)
+    if cfg.features.slot_half_life_days and len(add):
+        # newly matured sends at their weight as of T' (the old ones were decayed already)
+        h_us = cfg.features.slot_half_life_days * US_PER_DAY
+        weight = np.exp2((add["ts"].to_numpy(np.float64) - _us(new_t)) / h_us)
+        pos, slot = add["_pos"].to_numpy(), add["slot"].to_numpy().astype(np.int64)
+        opened = add["opened"].to_numpy(dtype=bool)
+        sends, got = moved.slots["sends" + DECAYED], moved.slots["opened" + DECAYED]
+        np.add.at(sends, (pos, slot), weight)
+        np.add.at(got, (pos[opened], slot[opened]), weight[opened])
     # matured windows: plus (M, M'], minus (floor_d(T), floor_d(T')]
     for d in cfg.features.frequency_windows_days:
         lo0, lo1 = _matured_floor(old_t, cfg, d), _matured_floor(new_t, cfg, d)
@@ -564,6 +688,11 @@ def _state_columns(name: str, state: FeatureState, cfg: Config) -> dict[str, np.
                 for d in cfg.features.frequency_windows_days}
     if name == "reachability":
         return {"unreachable": state.unreachable.astype(float)}
+    if name == "rhythm":
+        r = state.rhythm
+        return {"active_days_ever": r["n"].astype(float),
+                "active_span_days": np.where(r["n"] > 0, r["last"] - r["first"], 0).astype(float),
+                "active_gap_sq_days": r["sq"].astype(float)}
     if name == "response":
         out = {"consecutive_unopened": state.streak.astype(float)}
         for d in cfg.features.frequency_windows_days:
@@ -640,6 +769,7 @@ def write_state(folder: Path, state: FeatureState, cfg: Config, fingerprint: dic
     arrays: dict[str, np.ndarray] = {f"scan__{k}": v for k, v in state.scan.items()}
     arrays.update({f"slots__{k}": v for k, v in state.slots.items()})
     arrays.update({f"matured__{k}": v for k, v in state.matured.items()})
+    arrays.update({f"rhythm__{k}": v for k, v in state.rhythm.items()})
     arrays.update(active=state.active, last_opened=state.last_opened, streak=state.streak,
                   history_sends=state.history_sends, last_send=state.last_send,
                   unreachable=state.unreachable)
@@ -672,6 +802,7 @@ def read_state(folder: Path) -> tuple[FeatureState, dict]:
         scan={k[6:]: v for k, v in arrays.items() if k.startswith("scan__")},
         slots={k[7:]: v for k, v in arrays.items() if k.startswith("slots__")},
         matured={k[9:]: v for k, v in arrays.items() if k.startswith("matured__")},
+        rhythm={k[8:]: v for k, v in arrays.items() if k.startswith("rhythm__")},
         active=arrays["active"], last_opened=arrays["last_opened"], streak=arrays["streak"],
         history_sends=arrays["history_sends"], last_send=arrays["last_send"], last_send_channel=channel,
         unreachable=arrays["unreachable"].astype(bool), fills=dict(meta.get("fills", {})))

@@ -22,15 +22,20 @@ def assert_same_matrix(moved, rebuilt) -> None:
     assert list(a.columns) == list(b.columns)
     for column in a.columns:
         if a[column].dtype.kind in "fiub":
-            # integer counts exactly; purchase values are float sums (rounding only)
-            tol = 1e-9 if column.startswith("value_") else 0.0
+            # integer counts exactly; purchase values and age-weighted counts are float sums
+            # (rounding only)
+            tol = 1e-9 if column.startswith("value_") or "_decayed_" in column else 0.0
             np.testing.assert_allclose(a[column].to_numpy(float), b[column].to_numpy(float), rtol=tol, atol=tol,
                                        err_msg=column)
         else:
             assert (a[column].astype(str).to_numpy() == b[column].astype(str).to_numpy()).all(), column
     assert moved.slots.keys() == rebuilt.slots.keys()
     for family in moved.slots:
-        np.testing.assert_array_equal(moved.slots[family], rebuilt.slots[family], err_msg=family)
+        if family.startswith("decayed_") and not family.endswith("_rank"):
+            # age weights: the old value decayed plus the new events', against one sum
+            np.testing.assert_allclose(moved.slots[family], rebuilt.slots[family], rtol=1e-6, err_msg=family)
+        else:
+            np.testing.assert_array_equal(moved.slots[family], rebuilt.slots[family], err_msg=family)
 
 
 @pytest.mark.parametrize("step_hours", [24, 7, 30])
@@ -152,3 +157,28 @@ def test_the_refresh_moves_the_state_only_when_the_log_only_grew(sim_dir, tmp_pa
     cfg = cfg.with_overrides(features={"history_days": 60})
     fourth, _ = refresh(end + timedelta(hours=2))
     assert not fourth.incremental and "configuration" in fourth.how
+
+
+def test_whole_history_features_by_hand(cfg):
+    """Age-weighted counts, active days over the whole log and the rhythm between them, on
+    a user whose evidence is older than every window."""
+    rows = [("g", "2025-10-01 10:00", "session", None, None, None),   # 151 days before T: outside 90 days
+            ("g", "2025-10-03 10:00", "session", None, None, None),
+            ("g", "2025-10-07 10:00", "open", None, None, None),
+            ("g", "2026-02-15 10:00", "open", None, None, None)]      # 14 days before T
+    events = pd.DataFrame(rows, columns=["user_id", "ts", "event", "message_id", "channel", "value"])
+    events["ts"] = pd.to_datetime(events["ts"]).dt.tz_localize("UTC")
+    users = pd.DataFrame({"user_id": ["g"], "timezone": ["UTC"], "signup_ts": pd.to_datetime(["2025-09-01"])})
+    t = datetime(2026, 3, 1, 10, 0)
+    row = build_matrix(from_frames(events, users), t, cfg)[0].scalars.loc["g"]
+    assert row["opens_90d"] == 1 and row["opens_ever"] == 2 and row["sessions_ever"] == 2
+    assert row["opens_decayed_14d"] == pytest.approx(0.5 + 2 ** (-145 / 14))
+    assert row["active_days_ever"] == 4 and row["active_span_days"] == 137
+    gaps = np.array([2, 4, 131])
+    assert row["mean_active_gap_days"] == pytest.approx(gaps.mean())
+    assert row["active_gap_cv"] == pytest.approx(gaps.std() / gaps.mean())
+    assert row["overdue_ratio"] == pytest.approx(14 / gaps.mean())
+    assert row["days_since_first_engagement"] == pytest.approx(151)
+    # the whole-history per-slot evidence sees the sessions at 10:00 that the 90-day window lost
+    matrix = build_matrix(from_frames(events, users), t, cfg)[0]
+    assert matrix.slots["decayed_session_rank"][0, 10] == 0 and matrix.slots["session_rank"][0, 10] != 0
