@@ -34,6 +34,7 @@ __all__ = [
     "PlanConfig",
     "ClusterConfig",
     "DriftConfig",
+    "BtydConfig",
     "load_config",
     "DEFAULT_CONFIG_ENV",
 ]
@@ -240,6 +241,14 @@ def _check_tag_store_url(value: str, source: str) -> str:
     return value
 
 
+class SimChannelConfig(_Frozen):
+    """One channel of the simulated sends: how often it is used and how it is answered."""
+
+    share: float = Field(ge=0)                  # of the sends
+    open_factor: float = Field(default=1.0, gt=0)  # x the user's open probability
+    open_delay_minutes: float = Field(default=40.0, gt=0)  # mean, for opens within the day
+
+
 class SimulateConfig(_Frozen):
     users: int = Field(gt=0)
     days: int = Field(gt=0)
@@ -264,6 +273,30 @@ class SimulateConfig(_Frozen):
     # the [plan] rules, explores uniformly over the allowed local hours with probability
     # `exploration`, logs each send's `propensity` and writes send_truth.parquet
     sender: Literal["house", "logged"] = "house"
+    # the harder setting's mechanisms (configs/harder_setting.toml); each is off at its default
+    channels: dict[str, SimChannelConfig]
+    truth_channel: str = "push"   # truth.parquet's open probabilities are for this channel
+    unsubscribe_per_channel: bool = False
+    rhythm_drift_hours_per_30_days: float = Field(default=0.0, ge=0)
+    rhythm_switch_share: float = Field(default=0.0, ge=0, le=1)
+    late_open_share: float = Field(default=0.0, ge=0, le=1)
+    purchase_per_open: float = Field(default=0.0, ge=0, le=1)
+    purchase_after_open_hours_mean: float = Field(default=18.0, gt=0)
+    winback_share: float = Field(default=0.0, ge=0, le=1)
+    winback_after_days_mean: float = Field(default=30.0, gt=0)
+    segment_sends_per_week: tuple[float, ...] = ()   # () or (high_value, potential, silent)
+
+    @model_validator(mode="after")
+    def _sim_channels(self) -> "SimulateConfig":
+        if sum(c.share for c in self.channels.values()) <= 0:
+            raise ValueError("simulate.channels: shares must add up to more than 0")
+        if self.truth_channel not in self.channels:
+            raise ValueError(f"simulate.truth_channel: {self.truth_channel!r} is not one of simulate.channels "
+                             f"({', '.join(self.channels)})")
+        if len(self.segment_sends_per_week) not in (0, 3) or any(v < 0 for v in self.segment_sends_per_week):
+            raise ValueError("simulate.segment_sends_per_week: empty, or three rates >= 0 "
+                             "(high_value, potential, silent)")
+        return self
 
     @field_validator("timezones")
     @classmethod
@@ -344,6 +377,19 @@ class DriftConfig(_Frozen):
     seed: int
 
 
+class BtydConfig(_Frozen):
+    """The BG/NBD model fitted at each snapshot (features.btyd)."""
+
+    enabled: bool = True
+    # lifetimes' L2 penalty on the parameters (time scaled so the oldest user's age is 1)
+    penalizer: float = Field(default=0.001, ge=0)
+    # the fit runs on at most this many engaged users, sampled by a hash of the user id
+    max_fit_users: int = Field(default=200_000, gt=0)
+    # fewer engaged users, or fewer with a second active day, and no fit (the columns are missing)
+    min_fit_users: int = Field(default=50, gt=0)
+    min_fit_repeaters: int = Field(default=10, gt=0)
+
+
 class ClusterConfig(_Frozen):
     """``--cluster``: a Dask cluster for features, train and score."""
 
@@ -352,6 +398,33 @@ class ClusterConfig(_Frozen):
     duckdb_memory_share: float = Field(gt=0, le=1)
     dashboard_address: str = ""
     connect_timeout_seconds: float = Field(gt=0)
+
+
+ActiveHoursKernel = Literal["none", "circular", "session"]
+
+
+class ActiveHoursConfig(_Frozen):
+    """Active hours from any engagement, where no open model exists (``sendtime active-hours``,
+    the tags' ``active_hours``): the candidates and the earlier months they are chosen on."""
+
+    half_lives_days: tuple[float, ...] = Field(min_length=1)   # 0: no fading
+    prior_strengths: tuple[float, ...] = Field(min_length=1)
+    kernels: tuple[ActiveHoursKernel, ...] = Field(min_length=1)
+    check_days: int = Field(gt=0)
+    selection_splits: int = Field(ge=0)
+    min_check_events: int = Field(ge=1)
+    selection_max_users: int = Field(gt=0)
+    default_half_life_days: float = Field(ge=0)
+    default_prior_strength: float = Field(ge=0)
+    default_kernel: ActiveHoursKernel
+    top_k: int = Field(ge=1, le=24)
+
+    @field_validator("half_lives_days", "prior_strengths")
+    @classmethod
+    def _not_negative(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(v < 0 for v in value):
+            raise ValueError(f"negative values {[v for v in value if v < 0]}")
+        return value
 
 
 class Config(_Frozen):
@@ -367,6 +440,8 @@ class Config(_Frozen):
     plan: PlanConfig
     cluster: ClusterConfig
     drift: DriftConfig
+    btyd: BtydConfig = BtydConfig()
+    active_hours: ActiveHoursConfig
 
     def with_overrides(self, **sections: dict[str, Any]) -> "Config":
         """A copy with some fields of some sections replaced, validated again."""

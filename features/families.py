@@ -364,8 +364,11 @@ _PROFILE_COLUMNS = (
 
 def feature_catalog(cfg: Config) -> dict[str, Column]:
     """Every declared user-level column by name, with the configured windows."""
+    from features.btyd import btyd_declarations  # features.btyd reads Column from here
+
     out = {c.name: c for family in scalar_families() for c in family.columns(cfg)}
     out.update({c.name: c for c in _PROFILE_COLUMNS})
+    out.update({c.name: c for c in btyd_declarations(cfg)})
     return out
 
 

@@ -13,7 +13,7 @@ that user-partitioned chunks (the Dask path) only need the priors exchanged.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 import numpy as np
@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from configs import Config
+from features.btyd import INPUT_COLUMNS, BtydFit, btyd_columns, fit_btyd
 from features.events import EventLog
 from features.families import sql_ts
 from features.state import DECAYED, SLOT_COUNTS, FeatureState, build_state, scalar_frame, stage_timer
@@ -40,6 +41,8 @@ __all__ = [
     "user_attributes",
     "user_universe",
     "counts_of",
+    "btyd_inputs_of",
+    "with_btyd",
 ]
 
 logger = logging.getLogger(__name__)
@@ -102,6 +105,7 @@ class PopulationPriors:
     profile_mean: np.ndarray       # mean log engagement profile
     profile_basis: np.ndarray      # (n_slots, rank) principal directions
     population: str = ""           # which users these sums ran over
+    btyd: dict | None = None       # the BG/NBD fit over the same users (features.btyd.BtydFit), if any
 
     def to_dict(self) -> dict:
         return {
@@ -110,6 +114,7 @@ class PopulationPriors:
             "overall_rate": self.overall_rate,
             "profile_mean": self.profile_mean.tolist(),
             "profile_basis": self.profile_basis.tolist(),
+            "btyd": self.btyd,
         }
 
     @classmethod
@@ -122,6 +127,7 @@ class PopulationPriors:
                 len(data["profile_mean"]), -1
             ),
             population=data.get("population", ""),
+            btyd=data.get("btyd"),
         )
 
 
@@ -362,7 +368,21 @@ POPULATION = "everyone known at the snapshot (signed up or seen in the log by th
 
 def population_priors_at(log: EventLog, as_of: datetime, cfg: Config) -> PopulationPriors:
     """The priors of :data:`POPULATION` at ``as_of``."""
-    return population_priors(counts_of(build_state(log, as_of, cfg)), cfg, POPULATION)
+    state = build_state(log, as_of, cfg)
+    return with_btyd(population_priors(counts_of(state), cfg, POPULATION), scalar_frame(state, cfg), cfg)
+
+
+def btyd_inputs_of(scalars: pd.DataFrame) -> pd.DataFrame:
+    """The BG/NBD inputs of the users who ever engaged, in user id order (a fit over the same
+    users is then the same numbers however they were gathered: one machine or partitions)."""
+    frame = scalars.loc[scalars["active_days_ever"] > 0, list(INPUT_COLUMNS)]
+    return frame.sort_index()
+
+
+def with_btyd(priors: PopulationPriors, scalars: pd.DataFrame, cfg: Config) -> PopulationPriors:
+    """The priors with the BG/NBD fit over the same population (``scalars``: its users' columns)."""
+    fit = fit_btyd(btyd_inputs_of(scalars), cfg)
+    return replace(priors, btyd=fit.to_dict() if fit is not None else None)
 
 
 def build_matrix(
@@ -390,10 +410,13 @@ def build_matrix(
     elif state.as_of != as_of:
         raise ValueError(f"the feature state is as of {state.as_of}, not {as_of}")
     stage(f"feature state of {len(state)} users")
+    everyone = None
     if priors is None:
-        priors = population_priors(counts_of(state), cfg, POPULATION)
+        everyone = scalar_frame(state, cfg)
+        priors = with_btyd(population_priors(counts_of(state), cfg, POPULATION), everyone, cfg)
     if user_ids is not None:
         state = state.take(pd.Index(user_ids).unique())
+        everyone = None
     counts = counts_of(state)
     universe = user_attributes(log, state.index)
     stage("population priors and attributes")
@@ -405,8 +428,11 @@ def build_matrix(
         families.update({name: pooled[name[len("decayed_"):]] for name in SLOT_FAMILIES if name.startswith("decayed_")})
         del decayed, pooled
     stage("per-slot pooling")
-    scalars = scalar_frame(state, cfg)
-    stage("recency, frequency, fatigue, trends")
+    scalars = everyone if everyone is not None else scalar_frame(state, cfg)
+    fit = BtydFit.from_dict(priors.btyd) if priors.btyd else None
+    for name, values in btyd_columns(fit, scalars, cfg).items():
+        scalars[name] = values
+    stage("recency, frequency, fatigue, trends, BG/NBD")
     scalars["user_open_rate"] = user_rate
     scalars["utc_offset_hours"] = _utc_offset_hours(universe["timezone"], as_of)
     signup = pd.to_datetime(universe["signup_ts"])

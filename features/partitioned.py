@@ -21,7 +21,7 @@ the priors), which can move a float32 feature by an ulp or so. ``PROFILE_FAMILIE
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from configs import Config, resolve_as_of
+from features.btyd import fit_btyd
 from features.cluster import (
     Partitions,
     cluster_client,
@@ -41,8 +42,16 @@ from features.cluster import (
     worker_resources,
 )
 from features.events import EventLog, open_log
-from features.matrix import POPULATION, PopulationPriors, SlotCounts, UserMatrix, build_matrix, counts_of
-from features.state import FeatureState, build_state
+from features.matrix import (
+    POPULATION,
+    PopulationPriors,
+    SlotCounts,
+    UserMatrix,
+    btyd_inputs_of,
+    build_matrix,
+    counts_of,
+)
+from features.state import FeatureState, build_state, scalar_frame
 
 __all__ = ["PROFILE_FAMILIES", "PROFILE_RTOL", "LogSource", "PriorSums", "build_matrix_on_cluster",
            "combine_prior_sums", "concat_matrices", "concat_states", "features_on_cluster", "part_log", "part_matrix",
@@ -111,6 +120,9 @@ class PriorSums:
     opened: np.ndarray           # (n_slots,) of which opened
     profile_sum: np.ndarray      # (n_slots,) sum of the users' log engagement profiles
     profile_gram: np.ndarray     # (n_slots, n_slots) of the profiles centred on their own mean
+    # the BG/NBD inputs of the users who ever engaged (features.matrix.btyd_inputs_of): the fit
+    # runs once over the union, as on one machine
+    btyd_inputs: pd.DataFrame | None = None
 
 
 def _engagement_profile(counts: SlotCounts) -> np.ndarray:
@@ -122,14 +134,14 @@ def _engagement_profile(counts: SlotCounts) -> np.ndarray:
     return np.log(share * n_slots)
 
 
-def prior_sums(counts: SlotCounts) -> PriorSums:
-    """The sums of the users of ``counts``."""
+def prior_sums(counts: SlotCounts, btyd_inputs: pd.DataFrame | None = None) -> PriorSums:
+    """The sums of the users of ``counts`` (and their BG/NBD inputs, passed through)."""
     profile = _engagement_profile(counts)
     n = len(counts.user_ids)
     total = profile.sum(axis=0)
     centred = profile - total / max(n, 1)
     return PriorSums(n_users=n, sends=counts.sends.sum(axis=0), opened=counts.opened.sum(axis=0),
-                     profile_sum=total, profile_gram=centred.T @ centred)
+                     profile_sum=total, profile_gram=centred.T @ centred, btyd_inputs=btyd_inputs)
 
 
 def combine_prior_sums(parts: list[PriorSums], cfg: Config, population: str = POPULATION) -> PopulationPriors:
@@ -155,8 +167,13 @@ def combine_prior_sums(parts: list[PriorSums], cfg: Config, population: str = PO
         basis = vectors[:, np.argsort(values)[::-1][:rank]]
     else:
         basis = np.zeros((n_slots, 0))
-    return PopulationPriors(slot_rate=slot_rate, overall_rate=overall, profile_mean=mean, profile_basis=basis,
-                            population=population)
+    priors = PopulationPriors(slot_rate=slot_rate, overall_rate=overall, profile_mean=mean, profile_basis=basis,
+                              population=population)
+    inputs = [p.btyd_inputs for p in parts if p.btyd_inputs is not None]
+    if not inputs:
+        return priors
+    fit = fit_btyd(pd.concat(inputs).sort_index(), cfg)
+    return replace(priors, btyd=fit.to_dict() if fit is not None else None)
 
 
 # --------------------------------------------------------------------------- worker tasks
@@ -171,8 +188,11 @@ def part_prior_sums(partition: tuple[int, int], source: LogSource, as_ofs: list[
     """Round 1: the partition's sums of the priors at each time (its users known then). The
     feature states they come from stay on the worker for round 2 (:func:`part_state`)."""
     lg = part_log(source, partition)
-    return [prior_sums(counts_of(worker_cached(("state", source, partition, t), lambda t=t: build_state(lg, t, cfg))))
-            for t in as_ofs]
+    out = []
+    for t in as_ofs:
+        state = worker_cached(("state", source, partition, t), lambda t=t: build_state(lg, t, cfg))
+        out.append(prior_sums(counts_of(state), btyd_inputs_of(scalar_frame(state, cfg))))
+    return out
 
 
 def part_state(source: LogSource, partition: tuple[int, int], as_of: datetime) -> FeatureState | None:

@@ -249,8 +249,13 @@ def train(
                f"Brier {m['holdout_brier']:.4f}, ECE {m['holdout_ece']:.4f}; run {result.run_id}"
                + (f"; registered {result.model_name} version {result.version}" if result.version else ""))
     if "holdout_baseline_recency_auc" in m:
-        typer.echo(f"  same holdout, no model: AUC by recency alone {m['holdout_baseline_recency_auc']:.4f}, "
-                   f"by frequency alone {m['holdout_baseline_frequency_auc']:.4f}")
+        named = (("recency alone", "recency"), ("frequency alone", "frequency"),
+                 ("whole-history frequency", "frequency_ever"), ("BG/NBD P(alive)", "btyd_p_alive"),
+                 ("BG/NBD expected active days", "btyd_expected"))
+        shown = ", ".join(f"by {label} {m[f'holdout_baseline_{key}_auc']:.4f}" for label, key in named
+                          if f"holdout_baseline_{key}_auc" in m)
+        typer.echo(f"  same holdout, no model: AUC {shown}; the model "
+                   f"{m['holdout_auc'] - m['holdout_baseline_best_auc']:+.4f} over the best of them")
 
 
 @app.command()
@@ -354,16 +359,30 @@ def evaluate(
 def active_hours(
     events: Path = EventsOpt,
     users: Optional[Path] = UsersOpt,
-    as_of: Optional[str] = typer.Option(None, "--as-of", help="Cut-off (default: 30 days before the last event)."),
-    top_k: int = typer.Option(3, "--top-k", help="How many hours count as a customer's active hours."),
+    as_of: Optional[str] = typer.Option(None, "--as-of", help="Cut-off T (default: active_hours.check_days before the last event)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, max=24, help="How many hours count as a user's active hours (default active_hours.top_k)."),
+    timezone: Optional[str] = typer.Option(None, "--timezone", help="Zone of users without one in --users (default slots.default_timezone), "
+                                           "e.g. Europe/London for a UK shop's log: the hours are local, and a log read in UTC "
+                                           "shifts them by an hour at each daylight-saving change."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write each user's predicted hours, own most frequent past hours "
+                                       "and predicted share per hour here (Parquet)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the comparison table as JSON here."),
     quarantine: Optional[Path] = QuarantineOpt,
 ) -> None:
-    """Logs without opens: predicted active hours as of T beside actual purchase hours in the month after."""
+    """Where no open model exists: each user's hours of any engagement (sessions, clicks, purchases, opens) as of T,
+    checked on the month after T beside their own most frequent past hours and the population's top hours."""
     from training.evaluation import active_hours_report
 
     cfg = current_config()
+    if timezone:
+        cfg = cfg.with_overrides(slots={"default_timezone": timezone})
     report = active_hours_report(open_events(events, users, cfg, quarantine), cfg, parse_as_of(as_of), top_k=top_k)
-    typer.echo(report.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    typer.echo(report.to_text())
+    if out:
+        report.hours.frame().to_parquet(out, index=False)
+        typer.echo(f"{len(report.hours.user_ids):,} users' active hours -> {out}")
+    if json_out:
+        json_out.write_text(report.table.to_json(orient="records", indent=2))
 
 
 @app.command()

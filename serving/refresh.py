@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from configs import Config, atomic_path, resolve_as_of
+from features.active_hours import NothingToPredictError, predict_active_hours
 from features.events import EventLog
 from features.families import feature_catalog
 from features.snapshot import write_snapshot
@@ -46,7 +47,7 @@ from serving.tagstore import (
     write_store,
 )
 
-__all__ = ["TAG_COLUMNS", "RefreshResult", "refresh_tags", "tags_frame", "tags_table"]
+__all__ = ["ACTIVE_HOURS_FIELD", "TAG_COLUMNS", "RefreshResult", "refresh_tags", "tags_frame", "tags_table"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ TAG_SCHEMA = pa.schema([
     ("open_model_version", pa.string()), ("churn_model_version", pa.string()),
     ("scored_at", pa.timestamp("us", tz="UTC")), ("cold_start", pa.bool_()), ("unsubscribed", pa.bool_()),
 ])
+# appended to the tags when there is no open champion: each user's predicted local hours of
+# any engagement, most active first (features.active_hours)
+ACTIVE_HOURS_FIELD = pa.field("active_hours", pa.list_(pa.int32()))
 
 
 @dataclass
@@ -181,6 +185,21 @@ def tags_table(user_ids: pd.Index, scores: Scores, versions: dict[str, str | Non
     return pa.Table.from_arrays([columns[c] for c in TAG_COLUMNS], schema=TAG_SCHEMA)
 
 
+def _active_hours(log_: EventLog, as_of: datetime, cfg: Config, user_ids: pd.Index) -> pa.Array:
+    """Without an open model: each user's predicted local hours of any engagement, most
+    active first (the population's for users without engagement up to T; null for everyone
+    when the log has none)."""
+    try:
+        hours = predict_active_hours(log_, as_of, cfg, user_ids=user_ids)
+    except NothingToPredictError as exc:
+        log.warning("%s: the tags' active_hours stay empty", exc)
+        return pa.nulls(len(user_ids), ACTIVE_HOURS_FIELD.type)
+    log.info("no open champion: the tags carry active_hours (%s)", hours.choice.describe())
+    n, k = hours.top_hours.shape
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(hours.top_hours.astype(np.int32).reshape(-1), pa.int32()))
+
+
 @contextmanager
 def _stage(name: str, timings: dict[str, float]):
     """Log a step's wall time, and the CPU time of the process's threads beside it (on a
@@ -269,6 +288,8 @@ def _refresh_locked(log_: EventLog, cfg: Config, champions: Champions, out: Path
             explained, reasons = _explain_everyone(core, scores, cfg, progress, timings)
             with _stage("tag table", timings):
                 table = tags_table(matrix.user_ids, scores, champions.versions(), scored_at, explained, reasons)
+                if champions.open is None:
+                    table = table.append_column(ACTIVE_HOURS_FIELD, _active_hours(log_, as_of, cfg, matrix.user_ids))
                 pq.write_table(table, building.tags)
                 priors.to_parquet(building.priors, index=False)
             manifest = snapshot.result()

@@ -14,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 from configs import Config, resolve_as_of
 from features.events import EventLog
 from features.matrix import build_matrix
+from serving.core import unreachable
 
 __all__ = ["EvaluationReport", "evaluate_against_truth", "expected_log_loss", "slot_capture"]
 
@@ -25,8 +26,11 @@ def expected_log_loss(p_true: np.ndarray, q: np.ndarray) -> float:
 
 
 def slot_capture(p_true: np.ndarray, chosen: np.ndarray) -> float:
-    """Mean true probability at the chosen slot over the mean at each user's true best."""
-    picked = p_true[np.arange(len(p_true)), chosen]
+    """Mean true probability at the chosen slot over the mean at each user's true best.
+    A negative slot means no send (the tags' best slot of a user no message reaches): it
+    captures nothing."""
+    chosen = np.asarray(chosen)
+    picked = np.where(chosen >= 0, p_true[np.arange(len(p_true)), np.maximum(chosen, 0)], 0.0)
     return float(picked.mean() / p_true.max(axis=1).mean())
 
 
@@ -85,6 +89,12 @@ def evaluate_against_truth(tags: pd.DataFrame, truth: pd.DataFrame, cfg: Config,
         never = matrix.scalars["opens_90d"].to_numpy()[pos] == 0
         user_best = np.where(never, global_best, opens_at.argmax(axis=1))
         user_q = np.tile(matrix.scalars["user_open_rate"].to_numpy()[pos][:, None], (1, p_true.shape[1]))
+        # the tags' rule for users no message reaches (0 in every slot, no best slot) holds
+        # for the baselines too: without it they pay for predicting opens of users who cannot
+        # open, a loss the model is spared by the rule, not by what it learned
+        gone = unreachable(matrix.scalars, pos)
+        global_q[gone], user_q[gone] = 0.0, 0.0
+        global_best[gone], user_best[gone] = -1, -1
         recency = matrix.scalars["days_since_engagement"].to_numpy()[pos]
         recency = np.where(np.isnan(recency), 1e6, recency)
         frequency = -matrix.scalars[f"active_days_{max(cfg.features.frequency_windows_days)}d"].to_numpy()[pos]

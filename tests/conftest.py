@@ -63,11 +63,13 @@ serving_dir = "{root}/serving"
 
 @pytest.fixture(scope="session")
 def sim_dir(tmp_path_factory):
-    """A small simulated log (1,500 users, 100 days), generated once."""
+    """A small simulated log (1,500 users, 120 days), generated once. 120 days (the default
+    data's length): churn needs three 30-day label horizons that do not overlap (training,
+    validation, holdout) after 14 days of history, and room for the training snapshots."""
     from simulator.generate import simulate
 
     out = tmp_path_factory.mktemp("sim")
-    simulate(load_config(), out, users=1500, days=100, seed=11, progress=False)
+    simulate(load_config(), out, users=1500, days=120, seed=11, progress=False)
     return out
 
 

@@ -161,3 +161,49 @@ def test_an_unsubscribe_from_another_channel_leaves_the_user_reachable(cfg):
     ev["channel"] = ["push", "push"]
     m, _ = build_matrix(from_frames(ev), datetime(2026, 1, 10), cfg)
     assert m.scalars.loc["a", "unreachable"] == 1.0
+
+
+def _stopping_log(seed: int, n_users: int = 40, days: int = 60) -> pd.DataFrame:
+    """Daily sends at a random hour, some opened, sessions; half the users stop engaging
+    (still sent to) on a random day, so every snapshot has users who churn and who stay."""
+    rng = np.random.default_rng(seed)
+    start = pd.Timestamp("2026-01-01", tz="UTC")
+    rows = []
+    for u in range(n_users):
+        stop = int(rng.integers(5, days - 5)) if u % 2 else days
+        for d in range(days):
+            t = start + pd.Timedelta(days=d, hours=int(rng.integers(0, 24)), minutes=int(rng.integers(0, 60)))
+            rows.append((f"u{u}", t, "send", f"m{u}-{d}"))
+            if d < stop and rng.random() < 0.4:
+                rows.append((f"u{u}", t + pd.Timedelta(minutes=int(rng.integers(1, 600))), "open", f"m{u}-{d}"))
+            if d < stop and rng.random() < 0.4:
+                rows.append((f"u{u}", t + pd.Timedelta(hours=int(rng.integers(1, 20))), "session", None))
+    return pd.DataFrame(rows, columns=["user_id", "ts", "event", "message_id"])
+
+
+@pytest.mark.parametrize("task", ["open", "churn"])
+def test_no_label_reaches_into_the_next_split(cfg, task):
+    """Every training label is settled before validation starts, every validation label
+    before the holdout starts, every holdout label by the as-of time. A churn horizon
+    longer than the snapshot step (10 days against 7) overlaps validation unless the
+    training snapshots are spaced before it."""
+    from training.datasets import build_dataset
+
+    small = cfg.with_overrides(labels={"churn_horizon_days": 10},
+                               datasets={"open_train_snapshots": 2, "churn_train_snapshots": 2})
+    ds = build_dataset(from_frames(_stopping_log(3)), task, None, small, progress=False)
+    if task == "open":   # an open label is settled one attribution window after its send
+        window = pd.Timedelta(hours=small.labels.open_attribution_hours)
+        ends = {name: split.meta["ts"].dt.tz_localize(None) + window
+                for name, split in (("train", ds.train), ("valid", ds.valid), ("holdout", ds.holdout))}
+    else:                # a churn label looks at the horizon after its snapshot
+        horizon = pd.Timedelta(days=small.labels.churn_horizon_days)
+        ends = {name: split.meta["snapshot"] + horizon
+                for name, split in (("train", ds.train), ("valid", ds.valid), ("holdout", ds.holdout))}
+    valid_start, holdout_start = ds.valid.meta["snapshot"].min(), ds.holdout.meta["snapshot"].min()
+    assert ends["train"].max() <= valid_start, (ends["train"].max(), valid_start)
+    assert ends["valid"].max() <= holdout_start, (ends["valid"].max(), holdout_start)
+    assert ends["holdout"].max() <= pd.Timestamp(ds.as_of)
+    assert ds.train.meta["snapshot"].nunique() == 2
+    if task == "churn":  # the holdout: the last snapshot (a day) whose horizon ends by the as-of time
+        assert pd.Timestamp(ds.as_of) - pd.Timedelta(days=1) < ends["holdout"].max() <= pd.Timestamp(ds.as_of)

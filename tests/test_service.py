@@ -27,7 +27,8 @@ def test_recommend_answers_in_order_with_send_times(server):
     import pandas as pd
 
     tags = pd.read_parquet(trained["tags"])
-    warm = tags.loc[~tags["cold_start"], "user_id"].head(3).tolist()
+    # users with history a message reaches (an unsubscribed user has no send time)
+    warm = tags.loc[~tags["cold_start"] & ~tags["unsubscribed"], "user_id"].head(3).tolist()
     body = {"user_ids": warm + ["nobody-knows-me"], "window_start": "2026-06-01T00:00:00Z", "window_hours": 24}
     r = httpx.post(f"{url}/recommend", json=body, timeout=30)
     assert r.status_code == 200, r.text

@@ -27,7 +27,7 @@ def test_tuning_is_resumable_and_visible_in_mlflow(trained):
     assert "num_leaves" in params
     client = MlflowClient(tracking_uri=cfg.tracking.resolved_uri())
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    trials = client.search_runs([exp.experiment_id], "tags.optuna_study = 'sendtime-churn-lightgbm'")
+    trials = client.search_runs([exp.experiment_id], f"tags.optuna_study = '{study.study_name}'")
     assert len([r for r in trials if "optuna_trial" in r.data.tags]) == 5
 
 

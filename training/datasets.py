@@ -6,7 +6,8 @@ The split is by time, never by shuffling rows:
     ... train snapshots ... | validation snapshot | holdout snapshot | as_of
     early stopping and calibration use validation; the holdout is only measured.
 
-Rows of a snapshot never carry labels that reach into the holdout period.
+No label reaches into the next set: training labels are settled before the validation
+snapshot, validation labels before the holdout snapshot, holdout labels by ``as_of``.
 """
 
 from __future__ import annotations
@@ -64,6 +65,17 @@ class Dataset:
         h.update(self.holdout.label.tobytes())
         return h.hexdigest()[:16]
 
+    def training_digest(self) -> str:
+        """Identifies the data a model is fitted and tuned on: the training and validation
+        rows' snapshots, row and positive counts, and the feature columns. The same log,
+        as-of time and config give the same digest; another log or as-of time, another."""
+        h = hashlib.sha256()
+        h.update(self.task.encode())
+        for name, split in (("train", self.train), ("valid", self.valid)):
+            snapshots = sorted(pd.Timestamp(t).isoformat() for t in pd.unique(split.meta["snapshot"]))
+            h.update(f"|{name}|{snapshots}|{len(split)}|{int(split.label.sum())}|{list(split.rows.columns)}".encode())
+        return h.hexdigest()[:16]
+
 
 def _day(value: datetime) -> datetime:
     return value.replace(hour=0, minute=0, second=0, microsecond=0)
@@ -88,17 +100,27 @@ def open_snapshots(as_of: datetime, first_event: datetime, cfg: Config) -> tuple
 
 
 def churn_snapshots(as_of: datetime, first_event: datetime, cfg: Config) -> tuple[list[datetime], datetime, datetime]:
+    """(train snapshots oldest first, validation snapshot, holdout snapshot): each snapshot's
+    label horizon ends before the next set's begins, the holdout's at the as-of time."""
     d = cfg.datasets
     horizon = timedelta(days=cfg.labels.churn_horizon_days)
     holdout = _day(as_of - horizon)
     valid = holdout - horizon          # its labels end where the holdout begins
     step = timedelta(days=d.churn_snapshot_every_days)
-    train = [valid - step * k for k in range(d.churn_train_snapshots, 0, -1)]
+    # Training labels end where validation begins, as the open task's rows do. A churn label
+    # is "no engagement in (T, T + horizon]": cut at the validation start, a later snapshot's
+    # label would be a shorter horizon's (more users "churn"), another quantity than the one
+    # validated and served. So the training snapshots are spaced to end before it: the
+    # latest one horizon before validation, the others a step apart before that.
+    last = valid - horizon
+    train = [last - step * k for k in range(d.churn_train_snapshots - 1, -1, -1)]
     train = [t for t in train if t >= first_event + timedelta(days=14)]
-    if not train or valid < first_event + timedelta(days=14):
+    if not train:
         raise TaskNotTrainable(
             f"the log ({first_event:%Y-%m-%d} to {as_of:%Y-%m-%d}) is too short for the churn task: "
-            f"it needs about {2 * cfg.labels.churn_horizon_days + 14 + d.churn_snapshot_every_days} days"
+            f"it needs about {3 * cfg.labels.churn_horizon_days + 16} days (three label horizons of "
+            f"labels.churn_horizon_days = {cfg.labels.churn_horizon_days}: training, validation and "
+            "holdout, after 14 whole days of history)"
         )
     return train, valid, holdout
 

@@ -44,13 +44,32 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, bins: int = 10, prefix: str = "
 
 def churn_baseline_aucs(rows: pd.DataFrame, y: np.ndarray, longest_window_days: int) -> dict[str, float]:
     """AUC of the one-number rules a CRM team would use without a model, on the same rows:
-    days since the last engagement (recency) and active days in the longest window
-    (frequency, fewer = riskier). Users never engaged rank as the most at risk."""
+    days since the last engagement (recency), active days in the longest window and over the
+    whole history (frequency, fewer = riskier), and the BG/NBD model's P(alive) and expected
+    active days in the horizon (lower = riskier), each where its column is in ``rows`` and
+    known for some of them. ``baseline_best_auc`` is the highest of these: the bar a churn
+    model has to clear. Users without a value (never engaged, no BG/NBD fit) rank as the most
+    at risk."""
     y = np.asarray(y, dtype=float)
     if not 0 < y.mean() < 1:
         return {}
-    recency = rows["days_since_engagement"].to_numpy(dtype=float, na_value=np.nan)
-    recency = np.where(np.isnan(recency), np.nanmax(recency, initial=0.0) + 1.0, recency)
-    frequency = -rows[f"active_days_{longest_window_days}d"].to_numpy(dtype=float, na_value=0.0)
-    return {"baseline_recency_auc": float(roc_auc_score(y, recency)),
-            "baseline_frequency_auc": float(roc_auc_score(y, frequency))}
+    risk = {"recency": ("days_since_engagement", 1.0),
+            "frequency": (f"active_days_{longest_window_days}d", -1.0),
+            "frequency_ever": ("active_days_ever", -1.0),
+            "btyd_p_alive": ("btyd_p_alive", -1.0)}
+    expected = sorted(c for c in rows.columns if c.startswith("btyd_expected_"))
+    if expected:
+        risk["btyd_expected"] = (expected[0], -1.0)
+    out = {}
+    for name, (column, sign) in risk.items():
+        if column not in rows.columns:
+            continue
+        score = sign * rows[column].to_numpy(dtype=float, na_value=np.nan)
+        known = np.isfinite(score)
+        if not known.any():
+            continue
+        score = np.where(known, score, np.max(score[known]) + 1.0)
+        out[f"baseline_{name}_auc"] = float(roc_auc_score(y, score))
+    if out:
+        out["baseline_best_auc"] = max(out.values())
+    return out

@@ -6,6 +6,8 @@ trial as a nested MLflow run."""
 from __future__ import annotations
 
 import logging
+import re
+from datetime import datetime
 from typing import Any
 
 import mlflow
@@ -22,8 +24,21 @@ __all__ = ["best_params_for", "study_name", "tune"]
 log = logging.getLogger(__name__)
 
 
-def study_name(cfg: Config, task: str, library: str) -> str:
+def _study_prefix(cfg: Config, task: str, library: str) -> str:
     return f"{cfg.tracking.model_prefix}-{task}-{library}"
+
+
+def study_name(cfg: Config, ds: Dataset, library: str) -> str:
+    """The study of ``library`` on this dataset. Keyed by the data: a study resumed on other
+    data would mix trials whose losses are not comparable (and steer the sampler with them),
+    so another log or as-of time starts a new study and the same data resumes its own."""
+    return f"{_study_prefix(cfg, ds.task, library)}-{ds.training_digest()}"
+
+
+def _data_description(ds: Dataset) -> dict[str, Any]:
+    return {"as_of": ds.as_of.isoformat(), "train_snapshots": ds.snapshots.get("train", []),
+            "valid_snapshots": ds.snapshots.get("valid", []), "train_rows": len(ds.train),
+            "valid_rows": len(ds.valid)}
 
 
 def _storage(cfg: Config) -> str:
@@ -58,11 +73,12 @@ def tune(ds: Dataset, library: str, cfg: Config, trials: int | None = None,
     x_train, x_valid = spec.encode(ds.train.rows), spec.encode(ds.valid.rows)
     names = list(spec.names)
     study = optuna.create_study(
-        study_name=study_name(cfg, ds.task, library), storage=_storage(cfg), load_if_exists=True,
+        study_name=study_name(cfg, ds, library), storage=_storage(cfg), load_if_exists=True,
         direction="minimize",
         sampler=optuna.samplers.TPESampler(seed=cfg.models.seed, n_startup_trials=cfg.tuning.startup_trials),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=cfg.tuning.startup_trials, n_warmup_steps=30),
     )
+    study.set_user_attr("data", _data_description(ds))
     done = len([t for t in study.trials if t.state.is_finished()])
     log.info("study %s: %d trial(s) already done, running %d more", study.study_name, done, trials)
 
@@ -106,14 +122,31 @@ def tune(ds: Dataset, library: str, cfg: Config, trials: int | None = None,
     return study
 
 
-def best_params_for(cfg: Config, task: str, library: str) -> dict[str, Any]:
-    """The best parameters of a finished study, for ``sendtime train --best-params``."""
-    try:
-        study = optuna.load_study(study_name=study_name(cfg, task, library), storage=_storage(cfg))
-    except KeyError as exc:
-        raise ValueError(f"no tuning study for {task}/{library}: run `sendtime tune --task {task} "
-                         f"--model {library}` first") from exc
+def best_params_for(cfg: Config, task: str, library: str, ds: Dataset | None = None) -> dict[str, Any]:
+    """The best parameters of a finished study, for ``sendtime train --best-params``: the
+    study tuned on ``ds``, or (without one) the study of this task and library whose last
+    trial finished most recently, whatever data it was tuned on."""
+    storage = _storage(cfg)
+    hint = f"run `sendtime tune --task {task} --model {library}` first"
+    if ds is not None:
+        try:
+            study = optuna.load_study(study_name=study_name(cfg, ds, library), storage=storage)
+        except KeyError as exc:
+            raise ValueError(f"no tuning study for {task}/{library} on this data: {hint}") from exc
+    else:
+        keyed = re.compile(re.escape(_study_prefix(cfg, task, library)) + "-[0-9a-f]{16}")
+        names = [n for n in optuna.get_all_study_names(storage) if keyed.fullmatch(n)]
+        if not names:
+            raise ValueError(f"no tuning study for {task}/{library}: {hint}")
+        studies = [optuna.load_study(study_name=n, storage=storage) for n in names]
+        study = max(studies, key=_last_finished)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
-        raise ValueError(f"the tuning study for {task}/{library} has no completed trial yet")
+        raise ValueError(f"the tuning study {study.study_name} has no completed trial yet")
+    log.info("best parameters of study %s (tuned on %s)", study.study_name, study.user_attrs.get("data"))
     return {**study.best_params, **adapter(library).fixed_tuning_params()}
+
+
+def _last_finished(study: optuna.Study) -> datetime:
+    done = [t.datetime_complete for t in study.trials if t.datetime_complete is not None]
+    return max(done, default=datetime.min)
