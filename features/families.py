@@ -270,7 +270,10 @@ def _rhythm_derived_columns(cfg: Config) -> list[Column]:
                    lambda v: f"{v:.1f}x their usual gap since the last activity" if v == v
                    else "no rhythm yet"),
             Column("lifetime_active_rate", "active days per day since the first engagement",
-                   lambda v: f"active on {v:.0%} of days since first seen" if v == v else "never active")]
+                   lambda v: f"active on {v:.0%} of days since first seen" if v == v else "never active")] + [
+        Column(f"{event}s_per_day_ever", f"{_NOUNS[event]} per day since the user's first event",
+               lambda v, n=_NOUNS[event]: f"{v:.2f} {n} a day since first seen")
+        for event in COUNTED_EVENTS]
 
 
 def _rhythm(frame: pd.DataFrame, cfg: Config) -> dict[str, pd.Series]:
@@ -282,7 +285,9 @@ def _rhythm(frame: pd.DataFrame, cfg: Config) -> dict[str, pd.Series]:
     age = frame["days_since_first_engagement"]
     return {"mean_active_gap_days": mean, "active_gap_cv": var ** 0.5 / mean.where(mean > 0),
             "overdue_ratio": frame["days_since_engagement"] / mean.where(mean > 0),
-            "lifetime_active_rate": n / (age.clip(lower=0) + 1.0)}
+            "lifetime_active_rate": n / (age.clip(lower=0) + 1.0),
+            **{f"{event}s_per_day_ever": frame[f"{event}s_ever"] / (frame["days_since_first_event"].clip(lower=0) + 1.0)
+               for event in COUNTED_EVENTS}}
 
 
 def _response_columns(cfg: Config) -> list[Column]:

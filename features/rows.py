@@ -20,6 +20,13 @@ __all__ = ["FeatureSpec", "ModelRows", "open_rows", "churn_rows", "all_slot_rows
 # identifiers and bookkeeping that are not model inputs
 _NOT_FEATURES = {"n_events", "has_history", "active_gap_sq_days"}
 
+
+def _is_input(column: str) -> bool:
+    # whole-history totals ("*_ever") grow with the log's age, so a model trained on early
+    # snapshots would meet larger values than it ever saw; it reads them as rates (per day
+    # since first seen), the BG/NBD quantities and the age-weighted counts instead
+    return column not in _NOT_FEATURES and not column.endswith("_ever")
+
 # churn rows' summaries of the slot profile: column -> the per-slot family it is the max of
 _SLOT_SUMMARIES = {"best_slot_rate": "circ_rate", "peak_session_share": "session_share"}
 
@@ -73,7 +80,7 @@ class FeatureSpec:
 
     @classmethod
     def fit(cls, frame: pd.DataFrame, categorical: tuple[str, ...], max_levels: int) -> "FeatureSpec":
-        names = tuple(c for c in frame.columns if c not in _NOT_FEATURES)
+        names = tuple(c for c in frame.columns if _is_input(c))
         cats = {}
         for col in categorical:
             if col in frame.columns:
