@@ -212,5 +212,10 @@ def test_scoring_on_the_cluster_gives_the_one_machine_tags(cluster, trained, tmp
     np.testing.assert_array_equal(state_there.user_ids, state_here.user_ids)
     for name in ("scan", "slots", "matured"):
         for key, values in getattr(state_here, name).items():
-            np.testing.assert_array_equal(getattr(state_there, name)[key], values, err_msg=f"{name}.{key}")
+            if values.dtype.kind == "f":
+                # float sums (age weights, purchase values): DuckDB adds them in another order
+                np.testing.assert_allclose(getattr(state_there, name)[key], values, rtol=1e-12,
+                                           err_msg=f"{name}.{key}")
+            else:
+                np.testing.assert_array_equal(getattr(state_there, name)[key], values, err_msg=f"{name}.{key}")
     assert "2 user partitions" in result.features
