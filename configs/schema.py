@@ -382,7 +382,7 @@ class BtydConfig(_Frozen):
 
     enabled: bool = True
     # lifetimes' L2 penalty on the parameters (time scaled so the oldest user's age is 1)
-    penalizer: float = Field(default=0.001, ge=0)
+    penalizer: float = Field(default=0.0, ge=0)
     # the fit runs on at most this many engaged users, sampled by a hash of the user id
     max_fit_users: int = Field(default=200_000, gt=0)
     # fewer engaged users, or fewer with a second active day, and no fit (the columns are missing)

@@ -20,6 +20,10 @@ all from the feature state at T, so point-in-time by construction:
   x and t_x count whole days, so T does too (a fractional T would credit each user with part
   of a day in which nothing could yet be seen).
 
+Where nobody seems to drop out, the maximum-likelihood fit runs to a -> 0 (Online Retail: a
+= 0.0004, b = 163 at 2011-10-10; Pareto/NBD's s -> 0 there too): P(alive) is then about 1 for
+everyone and the expected days are each user's shrunk rate, (r + x) / (alpha + T) per day.
+
 The fit uses ``lifetimes.BetaGeoFitter`` (imported only here, and only to fit); the per-user
 quantities are the closed forms with the fitted parameters (scipy), vectorised, so scoring a
 million users needs neither lifetimes nor a loop.
