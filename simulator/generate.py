@@ -9,7 +9,24 @@ What real push logs carry, and what the models must get right:
   hours of its own zone (so each zone sees other local hours), exploring rarely;
 - fatigue: every send in the previous 24 h lowers the open probability;
 - app sessions whose hours only partly follow the open rhythm; purchases after sessions;
-- engagement that fades before a user goes dormant; unsubscribes; cold-start users.
+- engagement that fades before a user goes dormant; unsubscribes (no send reaches a user
+  after their unsubscribe); cold-start users;
+- user attributes that are observable (time zone, region, device, age band, a loyalty
+  tier that depends on the latent segment but does not reveal it).
+
+Settings of ``[simulate]``, each off in the default setting and all on in
+``configs/harder_setting.toml``, make the log harder to fit by construction: rhythms that
+drift (a slow shift of each user's peak hours, and a new archetype mix part-way for some),
+opens that arrive 24-72 h after their send, channels with their own open rates and delays,
+unsubscribes per channel, purchases caused by opened sends (within 72 h of the open),
+faded users who come back, and sends per segment at the volumes of ``domain.md``.
+
+``truth.parquet`` holds what the judge needs at the snapshot: ``true_open_probs``, per
+slot, the probability that a send on ``truth_channel`` in that slot during the following
+week is opened within the attribution window (``labels.open_attribution_hours``: the
+label the models predict), with the rhythm, engagement and subscription of those days;
+``true_churn_prob`` from the engagement intensity over the horizon (come-backs included);
+the realised ``churned`` label; and the latent ``segment`` and dominant ``archetype``.
 
 Users are simulated in chunks with numpy and appended to Parquet, so a million users fit
 in a few GB. The same seed gives the same tables. Events after the snapshot are simulated
@@ -51,14 +68,24 @@ SEGMENT_SHARE = np.array([0.25, 0.45, 0.30])
 _SEGMENT_SENDS = np.array([1.35, 1.0, 0.55])     # x send_rate
 SEGMENT_OPENS = np.array([1.4, 1.0, 0.55])      # x base_open_rate
 _SEGMENT_SESSIONS = np.array([1.7, 1.0, 0.45])   # x sessions_per_day
+# the observable attribute written in place of the latent segment: it leans on the segment
+# (rows: high_value, potential, silent) without giving it away
+_TIERS = np.array(["basic", "silver", "gold"])
+_TIER_GIVEN_SEGMENT = np.array([[0.25, 0.40, 0.35], [0.55, 0.35, 0.10], [0.80, 0.17, 0.03]])
 _REGION = {"Asia/Shanghai": "cn", "Europe/London": "uk", "America/New_York": "us",
            "Asia/Kolkata": "in", "Australia/Sydney": "au"}
 _DEVICES = np.array(["ios", "android", "web"])
 _AGES = np.array(["18-24", "25-34", "35-44", "45+"])
 _CHUNK = 25_000
-_CHANNELS = np.array(["push", "wechat", "email"], dtype=object)
-_CHANNEL_SHARES = [0.7, 0.2, 0.1]
 RHYTHM_FLOOR = 0.12
+_EXTRA_ROUND = 0.08                 # the second daily send round, x each user's send rate
+_OPEN_DELAY_CAP_MINUTES = 23.5 * 60  # opens that are not late come within the day
+_LATE_OPEN_HOURS = (24.0, 72.0)     # a late open's delay, uniform
+_PURCHASE_WINDOW_HOURS = 72.0       # a purchase caused by an open comes within this
+_SWITCH_DAYS = 14.0                 # a new archetype mix takes over across two weeks
+_RHYTHM_STEP_DAYS = 7.0             # a drifting rhythm is recomputed once a week
+_DORMANT = 0.03                     # engagement below this is none
+_WINBACK_LEVEL = (0.3, 1.0)         # a come-back's engagement, uniform
 
 
 @dataclass(frozen=True)
@@ -126,8 +153,11 @@ class _Chunk:
         self.rhythm = rhythms(self.weights, self.shift)
         mean_open = np.clip(sim.base_open_rate * SEGMENT_OPENS[self.segment], 0.01, 0.6)
         self.base = rng.beta(4.0, 4.0 * (1 - mean_open) / mean_open)
-        self.send_rate = np.clip(sim.send_rate * _SEGMENT_SENDS[self.segment]
-                                 * rng.lognormal(0, 0.15, n), 0.02, 1.0)
+        if sim.segment_sends_per_week:   # the domain's volumes, over both daily rounds
+            per_day, floor = np.array(sim.segment_sends_per_week)[self.segment] / 7 / (1 + _EXTRA_ROUND), 0.0
+        else:
+            per_day, floor = sim.send_rate * _SEGMENT_SENDS[self.segment], 0.02
+        self.send_rate = np.clip(per_day * rng.lognormal(0, 0.15, n), floor, 1.0)
         self.activity = sim.sessions_per_day * _SEGMENT_SESSIONS[self.segment] * rng.lognormal(0, 0.4, n)
         fades = rng.random(n) < sim.fade_share
         # fading starts any time, so every snapshot (not only the last) sees users on their way out
@@ -139,7 +169,33 @@ class _Chunk:
         self.no_events = cold & (rng.random(n) < 0.5)
         self.signup = np.where(cold, self.first_day + rng.random(n),
                                -rng.uniform(1, 700, n))  # days relative to start
-        self.unsubscribed_at = np.full(n, np.inf)
+        # the harder setting's mechanisms draw only when on, so the default stays one setting
+        self.drift = (rng.normal(0.0, sim.rhythm_drift_hours_per_30_days / 30, n)   # hours per day
+                      if sim.rhythm_drift_hours_per_30_days > 0 else None)
+        self.switch_day = self.weights_after = None
+        if sim.rhythm_switch_share > 0:
+            switches = rng.random(n) < sim.rhythm_switch_share
+            self.switch_day = np.where(switches, rng.uniform(0, days, n), np.inf)
+            self.weights_after = rng.dirichlet(np.full(len(ARCHETYPES), 0.35), size=n)
+        self.comeback = None
+        if sim.winback_share > 0:
+            back = fades & (rng.random(n) < sim.winback_share)
+            dormant_from = self.fade_start + self.fade_tau * np.log(1 / _DORMANT)
+            self.comeback = np.where(back, dormant_from + rng.exponential(sim.winback_after_days_mean, n), np.inf)
+            self.comeback_level = rng.uniform(*_WINBACK_LEVEL, n)
+        self.rhythm_today = self.rhythm
+        self._rhythm_cache: tuple[int | None, np.ndarray] = (None, self.rhythm)
+        # channels: names, shares, open factors, delays; unsubscribes per user and channel
+        # (all of a user's channels at once unless unsubscribe_per_channel)
+        channels = sim.channels
+        self.channel_names = np.array(list(channels), dtype=object)
+        share = np.array([c.share for c in channels.values()], dtype=float)
+        self.channel_p = share / share.sum()
+        self.open_factor = np.array([c.open_factor for c in channels.values()])
+        self.delay_minutes = np.array([c.open_delay_minutes for c in channels.values()])
+        self.truth_channel = list(channels).index(sim.truth_channel)
+        self.in_window = self._share_in_window()
+        self.unsubscribed_at = np.full((n, len(channels)), np.inf)
         self.prev_sends = np.full((n, 2), -np.inf)     # last two send times, in days
         self.cols: dict[str, list] = {k: [] for k in ("user", "t", "event", "msg", "channel", "value")}
         # the logged sender (opt-in) adds a propensity column and every send's counterfactual truth
@@ -151,9 +207,47 @@ class _Chunk:
         self.msg_counter = 0
         self.msg_prefix = f"m{first_user // _CHUNK:04d}-"
 
+    def _share_in_window(self) -> np.ndarray:
+        """(channels,) share of a channel's opens that come within the attribution window:
+        the truth is the probability of the label the models learn, not of any open."""
+        window_h = self.cfg.labels.open_attribution_hours
+        late = self.cfg.simulate.late_open_share
+        on_time = (np.ones(len(self.delay_minutes)) if window_h * 60 >= _OPEN_DELAY_CAP_MINUTES
+                   else 1 - np.exp(-window_h * 60 / self.delay_minutes))
+        lo, hi = _LATE_OPEN_HOURS
+        return (1 - late) * on_time + late * float(np.clip((window_h - lo) / (hi - lo), 0, 1))
+
     def engagement(self, t_days: np.ndarray, users: np.ndarray) -> np.ndarray:
         e = np.exp(-np.maximum(t_days - self.fade_start[users], 0.0) / self.fade_tau[users])
-        return np.where(e < 0.03, 0.0, e)
+        e = np.where(e < _DORMANT, 0.0, e)
+        if self.comeback is not None:
+            e = np.where(t_days >= self.comeback[users], self.comeback_level[users], e)
+        return e
+
+    def _weights_on(self, day: float) -> np.ndarray:
+        """Each user's archetype mix on ``day`` (days since start)."""
+        if self.switch_day is None:
+            return self.weights
+        moved = np.clip((day - self.switch_day) / _SWITCH_DAYS, 0.0, 1.0)[:, None]
+        return (1 - moved) * self.weights + moved * self.weights_after
+
+    def _rhythm_on(self, day: float) -> np.ndarray:
+        """(n, 2, 24) every user's rhythm on ``day``: the fixed one unless rhythms drift, then
+        the one of the middle of ``day``'s week (drift is slow; a week's step keeps it cheap)."""
+        if self.drift is None and self.switch_day is None:
+            return self.rhythm
+        week = int(np.floor(day / _RHYTHM_STEP_DAYS))
+        if self._rhythm_cache[0] != week:
+            mid = (week + 0.5) * _RHYTHM_STEP_DAYS
+            shift = self.shift if self.drift is None else self.shift + self.drift * mid
+            self._rhythm_cache = (week, rhythms(self._weights_on(mid), shift))
+        return self._rhythm_cache[1]
+
+    def _subscribed(self, users: np.ndarray, channel: np.ndarray) -> np.ndarray:
+        return np.isinf(self.unsubscribed_at[users, channel])
+
+    def _draw_channels(self, k: int) -> np.ndarray:
+        return self.rng.choice(len(self.channel_p), k, p=self.channel_p)
 
     def _emit(self, users: np.ndarray, t: np.ndarray, event: str, msg=None, channel=None, value=None,
               propensity=None) -> None:
@@ -188,25 +282,13 @@ class _Chunk:
         alive = ~self.no_events
         for d in range(self.total_days):
             started = alive & (self.first_day <= d)
-            # ---- sends: house hours of the sender's zone, sometimes a random hour
-            can = started & (self.unsubscribed_at > d)
+            self.rhythm_today = self._rhythm_on(d + 0.5)
+            # ---- sends, to users with a channel still subscribed
+            can = started & np.isinf(self.unsubscribed_at).any(axis=1)
             if self.logged:
                 self._logged_sends(d, can, fatigue)
             else:
-                for extra in (0, 1):
-                    rate = self.send_rate * (1.0 if extra == 0 else 0.08)
-                    users = np.flatnonzero(can & (rng.random(n) < rate))
-                    if not len(users):
-                        continue
-                    explore = rng.random(len(users)) < sim.exploration
-                    hour = np.where(explore, rng.integers(0, 24, len(users)),
-                                    rng.choice(house, len(users)))
-                    minute = rng.random(len(users)) * 60
-                    t = d + (hour + minute / 60) / 24 - self.offsets[self.sender_zone, d] / 1440.0
-                    t = np.clip(t, 0, None)
-                    order = np.argsort(t, kind="stable")
-                    users, t = users[order], t[order]
-                    self._send_and_respond(users, t, fatigue)
+                self._house_sends(d, can, house, fatigue)
             # ---- sessions in local time, partly from the user's rhythm
             e = self.engagement(np.full(n, d + 0.5), np.arange(n))
             lam = self.activity * e * started
@@ -214,7 +296,7 @@ class _Chunk:
             users = np.repeat(np.arange(n), count)
             if len(users):
                 weekend = ((self.start.dayofweek + d) % 7) >= 5
-                rhythm = self.rhythm[users, int(weekend)]
+                rhythm = self.rhythm_today[users, int(weekend)]
                 cdf = np.cumsum(rhythm, axis=1) / rhythm.sum(axis=1, keepdims=True)
                 own = _sample_hours(rng, cdf)
                 generic = _sample_hours(rng, np.broadcast_to(GENERIC_CDF, (len(users), 24)))
@@ -229,6 +311,33 @@ class _Chunk:
                     self._emit(users[buy], t[buy] + rng.uniform(2, 30, buy.sum()) / 1440, "purchase",
                                value=np.round(rng.lognormal(3.1, 0.8, buy.sum()), 2))
 
+    def _house_sends(self, d: int, can: np.ndarray, house: np.ndarray, fatigue: float) -> None:
+        """One day of the house sender: two rounds at house hours of its zone (sometimes a
+        random hour), answered in time order."""
+        sim, rng, n = self.cfg.simulate, self.rng, self.n
+        users, t = [], []
+        for rate in (self.send_rate, self.send_rate * _EXTRA_ROUND):
+            drawn = np.flatnonzero(can & (rng.random(n) < rate))
+            explore = rng.random(len(drawn)) < sim.exploration
+            hour = np.where(explore, rng.integers(0, 24, len(drawn)), rng.choice(house, len(drawn)))
+            minute = rng.random(len(drawn)) * 60
+            sent = d + (hour + minute / 60) / 24 - self.offsets[self.sender_zone, d] / 1440.0
+            users.append(drawn)
+            t.append(np.clip(sent, 0, None))
+        users, t = np.concatenate(users), np.concatenate(t)
+        channel = self._draw_channels(len(users))
+        # a user drawn in both rounds gets two sends: the later waits for the answer to the
+        # earlier (its fatigue, and an unsubscribe that cancels it)
+        order = np.lexsort((t, users))
+        users, t, channel = users[order], t[order], channel[order]
+        later = np.zeros(len(users), dtype=bool)
+        later[1:] = users[1:] == users[:-1]
+        for part in (~later, later):
+            u, tt, ch = users[part], t[part], channel[part]
+            ok = self._subscribed(u, ch)
+            by_time = np.argsort(tt[ok], kind="stable")
+            self._send_and_respond(u[ok][by_time], tt[ok][by_time], ch[ok][by_time], fatigue)
+
     def _logged_sends(self, d: int, can: np.ndarray, fatigue: float) -> None:
         """One local day of the rule-obeying sender that logs propensities (module
         :mod:`simulator.sender`); local day ``d`` is the calendar date start + d everywhere."""
@@ -236,17 +345,19 @@ class _Chunk:
         date = self.start + pd.Timedelta(days=d)
         self.rules.new_day(date.year * 12 + date.month)
         house_minutes = np.array(sim.house_hours, dtype=np.int64) * 60
-        for extra in (0, 1):
-            rate = self.send_rate * (1.0 if extra == 0 else 0.08)
+        for rate in (self.send_rate, self.send_rate * _EXTRA_ROUND):
+            # the second round comes after the first (the rules keep sends in time order), so
+            # the first round's unsubscribes count
+            can = can & np.isinf(self.unsubscribed_at).any(axis=1)
             users = np.flatnonzero(can & (rng.random(n) < rate))
             if not len(users):
                 continue
-            channel = rng.choice(_CHANNELS, len(users), p=_CHANNEL_SHARES)
-            quota = np.isin(channel, self.cfg.plan.quota_channels)
+            channel = self._draw_channels(len(users))
+            quota = np.isin(self.channel_names[channel], self.cfg.plan.quota_channels)
             off = self.offsets[self.zone[users], d]
             slot_start = d + np.arange(24)[None, :] / 24.0 - off[:, None] / 1440.0
             allowed = allowed_hours(self.rules, users, slot_start, self.signup, quota, self.cfg)
-            keep = allowed.any(axis=1)
+            keep = allowed.any(axis=1) & self._subscribed(users, channel)
             if not keep.any():
                 continue
             users, channel, quota, off = users[keep], channel[keep], quota[keep], off[keep]
@@ -260,75 +371,88 @@ class _Chunk:
             hour, propensity = choose_hours(rng, allowed, house, sim.exploration)
             t_all = slot_start + rng.random(m)[:, None] / 24.0   # a random minute of each hour
             t = t_all[np.arange(m), hour]
-            counterfactual = self._counterfactual(users, t_all, fatigue)
+            counterfactual = self._counterfactual(users, t_all, channel, fatigue)
             order = np.argsort(t, kind="stable")
             users, t, channel, quota = users[order], t[order], channel[order], quota[order]
             propensity, counterfactual = propensity[order], counterfactual[order]
-            opened = self._send_and_respond(users, t, fatigue, channel=channel, propensity=propensity,
+            opened = self._send_and_respond(users, t, channel, fatigue, propensity=propensity,
                                             counterfactual=counterfactual)
             self.rules.record(users, t, opened, quota, self.signup)
 
-    def _counterfactual(self, users: np.ndarray, t_all: np.ndarray, fatigue: float) -> np.ndarray:
-        """(users, 24) the true open probability of each send had it gone at each local hour
-        of its day instead (same minute, same earlier sends): what _send_and_respond draws."""
-        m = len(users)
-        u = np.repeat(users, 24)
-        tt = t_all.ravel()
-        hour, weekend = self._local(u, tt)
+    def _open_prob(self, users: np.ndarray, t: np.ndarray, channel: np.ndarray, recent: np.ndarray,
+                   fatigue: float) -> np.ndarray:
+        """The probability that a send at ``t`` on ``channel`` is opened (at any delay)."""
+        hour, weekend = self._local(users, t)
         h = np.floor(hour).astype(int) % 24
-        recent = ((t_all[:, :, None] - self.prev_sends[users][:, None, :]) < 1.0).sum(axis=2).ravel()
-        p = self.base[u] * self.rhythm[u, weekend.astype(int), h] * self.engagement(tt, u) * fatigue ** recent
-        return np.clip(p, 0, 0.95).reshape(m, 24)
+        p = (self.base[users] * self.open_factor[channel] * self.rhythm_today[users, weekend.astype(int), h]
+             * self.engagement(t, users) * fatigue ** recent)
+        return np.clip(p, 0, 0.95)
 
-    def _send_and_respond(self, users: np.ndarray, t: np.ndarray, fatigue: float, channel=None,
+    def _counterfactual(self, users: np.ndarray, t_all: np.ndarray, channel: np.ndarray,
+                        fatigue: float) -> np.ndarray:
+        """(users, 24) the true probability that each send is opened within the attribution
+        window had it gone at each local hour of its day instead (same minute, same channel,
+        same earlier sends): what _send_and_respond draws."""
+        m = len(users)
+        recent = ((t_all[:, :, None] - self.prev_sends[users][:, None, :]) < 1.0).sum(axis=2).ravel()
+        ch = np.repeat(channel, 24)
+        p = self._open_prob(np.repeat(users, 24), t_all.ravel(), ch, recent, fatigue) * self.in_window[ch]
+        return p.reshape(m, 24)
+
+    def _send_and_respond(self, users: np.ndarray, t: np.ndarray, channel: np.ndarray, fatigue: float,
                           propensity=None, counterfactual=None) -> np.ndarray:
-        """Emit the sends and the answers; returns which sends were opened."""
+        """Emit the sends (distinct users, in time order) and the answers; returns which
+        sends were opened."""
         sim, rng = self.cfg.simulate, self.rng
-        # a user can get two sends in a day: handle them one at a time so fatigue sees both
-        first = np.ones(len(users), dtype=bool)
-        first[1:] = users[1:] != users[:-1]
-        opened_all = np.zeros(len(users), dtype=bool)
-        given_channel = channel
-        for part in (first, ~first):
-            if not part.any():
-                continue
-            u, tt = users[part], t[part]
-            recent = ((tt[:, None] - self.prev_sends[u]) < 1.0).sum(axis=1)
-            self.prev_sends[u, 1] = self.prev_sends[u, 0]
-            self.prev_sends[u, 0] = tt
-            msg = self._message_ids(len(u))
-            if given_channel is None:
-                channel = rng.choice(_CHANNELS, len(u), p=_CHANNEL_SHARES)
+        if not len(users):
+            return np.zeros(0, dtype=bool)
+        recent = ((t[:, None] - self.prev_sends[users]) < 1.0).sum(axis=1)
+        self.prev_sends[users, 1] = self.prev_sends[users, 0]
+        self.prev_sends[users, 0] = t
+        msg = self._message_ids(len(users))
+        names = self.channel_names[channel]
+        self._emit(users, t, "send", msg=msg, channel=names, propensity=propensity)
+        if counterfactual is not None:
+            for key, values in (("msg", msg), ("user", users), ("t", t), ("cf", counterfactual)):
+                self.send_truth[key].append(values)
+        opened = rng.random(len(users)) < self._open_prob(users, t, channel, recent, fatigue)
+        if opened.any():
+            k = int(opened.sum())
+            u, ch = users[opened], channel[opened]
+            delay = np.minimum(rng.exponential(self.delay_minutes[ch]), _OPEN_DELAY_CAP_MINUTES) / 1440
+            if sim.late_open_share > 0:   # read a day or more later, still from the message
+                late = rng.random(k) < sim.late_open_share
+                delay = np.where(late, rng.uniform(*_LATE_OPEN_HOURS, k) / 24, delay)
+            t_open = t[opened] + delay + 1e-5
+            open_msg = msg[opened].copy()
+            lost = rng.random(k) < 0.05   # real logs lose some message ids
+            open_msg[lost] = None
+            self._emit(u, t_open, "open", msg=open_msg, channel=names[opened])
+            click = rng.random(k) < sim.click_per_open
+            if click.any():
+                self._emit(u[click], t_open[click] + rng.uniform(0.5, 10, click.sum()) / 1440,
+                           "click", msg=msg[opened][click], channel=names[opened][click])
+            if sim.purchase_per_open > 0:
+                buy = rng.random(k) < sim.purchase_per_open
+                if buy.any():
+                    # an exponential wait cut at the window, by inverting its CDF
+                    mean_h = sim.purchase_after_open_hours_mean
+                    cut = 1 - np.exp(-_PURCHASE_WINDOW_HOURS / mean_h)
+                    wait_h = -mean_h * np.log1p(-rng.random(buy.sum()) * cut)
+                    self._emit(u[buy], t_open[buy] + wait_h / 24, "purchase",
+                               value=np.round(rng.lognormal(3.1, 0.8, buy.sum()), 2))
+        quits = rng.random(len(users)) < sim.unsubscribe_per_send * (1 + 3 * (1 - self.engagement(t, users))) * (
+            1 + recent)
+        quits &= ~opened
+        if quits.any():
+            if sim.unsubscribe_per_channel:
+                self.unsubscribed_at[users[quits], channel[quits]] = t[quits]
+                quit_channel = names[quits]
             else:
-                channel = given_channel[part]
-            self._emit(u, tt, "send", msg=msg, channel=channel,
-                       propensity=None if propensity is None else propensity[part])
-            if counterfactual is not None:
-                for key, values in (("msg", msg), ("user", u), ("t", tt), ("cf", counterfactual[part])):
-                    self.send_truth[key].append(values)
-            hour, weekend = self._local(u, tt)
-            h = np.floor(hour).astype(int) % 24
-            p = self.base[u] * self.rhythm[u, weekend.astype(int), h] * self.engagement(tt, u) * fatigue ** recent
-            opened = rng.random(len(u)) < np.clip(p, 0, 0.95)
-            opened_all[part] = opened
-            if opened.any():
-                delay = np.minimum(rng.exponential(40.0, opened.sum()), 23.5 * 60) / 1440
-                t_open = tt[opened] + delay + 1e-5
-                open_msg = msg[opened].copy()
-                lost = rng.random(len(open_msg)) < 0.05   # real logs lose some message ids
-                open_msg[lost] = None
-                self._emit(u[opened], t_open, "open", msg=open_msg, channel=channel[opened])
-                click = rng.random(opened.sum()) < sim.click_per_open
-                if click.any():
-                    self._emit(u[opened][click], t_open[click] + rng.uniform(0.5, 10, click.sum()) / 1440,
-                               "click", msg=msg[opened][click], channel=channel[opened][click])
-            quits = rng.random(len(u)) < sim.unsubscribe_per_send * (1 + 3 * (1 - self.engagement(tt, u))) * (
-                1 + recent)
-            quits &= ~opened
-            if quits.any():
-                self.unsubscribed_at[u[quits]] = tt[quits]
-                self._emit(u[quits], tt[quits] + 1e-4, "unsubscribe")
-        return opened_all
+                self.unsubscribed_at[users[quits], :] = t[quits][:, None]
+                quit_channel = None
+            self._emit(users[quits], t[quits] + 1e-4, "unsubscribe", channel=quit_channel)
+        return opened
 
     # ---------------------------------------------------------------- outputs
 
@@ -363,6 +487,7 @@ class _Chunk:
             propensity = np.concatenate(c["propensity"]) if c["propensity"] else np.zeros(0)
             columns["propensity"] = pa.array(propensity[idx], pa.float64(), from_pandas=True)
         events = pa.table(columns)
+        tier_cdf = np.cumsum(_TIER_GIVEN_SEGMENT[self.segment], axis=1)
         users = pd.DataFrame({
             "user_id": self.user_ids,
             "signup_ts": pd.to_datetime(self.start.value // 1000 + np.round(self.signup * 86400e6).astype(np.int64),
@@ -371,7 +496,8 @@ class _Chunk:
             "region": [_REGION.get(self.zones[z], "other") for z in self.zone],
             "device": self.rng.choice(_DEVICES, self.n, p=[0.45, 0.45, 0.10]),
             "age_band": self.rng.choice(_AGES, self.n, p=[0.25, 0.35, 0.25, 0.15]),
-            "segment": _SEGMENTS[self.segment],
+            # observable, and only leaning on the latent segment (which stays in truth.parquet)
+            "loyalty_tier": _TIERS[np.minimum((self.rng.random(self.n)[:, None] > tier_cdf).sum(axis=1), 2)],
         })
         return events, users, truth
 
@@ -402,30 +528,32 @@ class _Chunk:
         came_back[user[after]] = True
         users = np.arange(n)
         fatigue = cfg.simulate.fatigue_per_recent_send
-        subscribed = self.unsubscribed_at > snapshot
+        reachable = self.unsubscribed_at > snapshot                     # (n, channels)
+        tc = self.truth_channel
         expected_fatigue = 1.0 - self.send_rate * fatigue
         kind = cfg.slots.kind
         probs = np.zeros((n, cfg.slots.n_slots))
         start_dow = (self.start.dayofweek + int(snapshot)) % 7
         for k in range(7):
-            e = self.engagement(np.full(n, snapshot + k + 0.5), users)
+            day = snapshot + k + 0.5
+            e = self.engagement(np.full(n, day), users)
             dow = (start_dow + k) % 7
-            day_p = (self.base[:, None] * self.rhythm[:, int(dow >= 5), :] * e[:, None]
-                     * expected_fatigue[:, None])
-            day_p = np.clip(day_p, 0, 0.95)
+            day_p = (self.base[:, None] * self.open_factor[tc] * self._rhythm_on(day)[:, int(dow >= 5), :]
+                     * e[:, None] * expected_fatigue[:, None])
+            day_p = np.clip(day_p, 0, 0.95) * self.in_window[tc]
             if kind == "hour_of_day":
                 probs += day_p / 7
             else:
                 probs[:, dow * 24:(dow + 1) * 24] = day_p
-        probs *= subscribed[:, None]
-        # the engagement intensity over the horizon gives the oracle churn probability
+        probs *= reachable[:, tc][:, None]
+        # the engagement intensity over the horizon gives the oracle churn probability: sessions
+        # and opens of the channels still subscribed (clicks and purchases only follow them)
         grid = snapshot + np.arange(horizon) + 0.5
         e_grid = np.stack([self.engagement(np.full(n, g), users) for g in grid], axis=1)
-        sends = self.send_rate * subscribed
-        per_day = (self.activity * (1 + cfg.simulate.purchase_per_session)
-                   + sends * self.base * expected_fatigue * (1 + cfg.simulate.click_per_open))
+        open_mix = (reachable * self.channel_p * self.open_factor).sum(axis=1)
+        per_day = self.activity + self.send_rate * (1 + _EXTRA_ROUND) * self.base * expected_fatigue * open_mix
         true_churn = np.exp(-(per_day[:, None] * e_grid).sum(axis=1))
-        dominant = np.array([a[0] for a in ARCHETYPES])[self.weights.argmax(axis=1)]
+        dominant = np.array([a[0] for a in ARCHETYPES])[self._weights_on(snapshot).argmax(axis=1)]
         return pd.DataFrame({
             "user_id": self.user_ids,
             "true_open_probs": list(probs),
@@ -433,6 +561,8 @@ class _Chunk:
             "churned": active & ~came_back,
             "true_churn_prob": true_churn,
             "archetype": dominant,
+            "segment": _SEGMENTS[self.segment],
+            "truth_channel": np.full(n, self.channel_names[tc], dtype=object),
         })
 
 
