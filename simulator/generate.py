@@ -63,28 +63,28 @@ ARCHETYPES: tuple[tuple[str, float, float, float], ...] = (
     ("evening", 20.8, 20.5, 5.0),
     ("late_night", 23.3, 0.3, 6.0),
 )
-_SEGMENTS = np.array(["high_value", "potential", "silent"])
+SEGMENTS = np.array(["high_value", "potential", "silent"])
 SEGMENT_SHARE = np.array([0.25, 0.45, 0.30])
-_SEGMENT_SENDS = np.array([1.35, 1.0, 0.55])     # x send_rate
+SEGMENT_SENDS = np.array([1.35, 1.0, 0.55])     # x send_rate
 SEGMENT_OPENS = np.array([1.4, 1.0, 0.55])      # x base_open_rate
-_SEGMENT_SESSIONS = np.array([1.7, 1.0, 0.45])   # x sessions_per_day
+SEGMENT_SESSIONS = np.array([1.7, 1.0, 0.45])   # x sessions_per_day
 # the observable attribute written in place of the latent segment: it leans on the segment
 # (rows: high_value, potential, silent) without giving it away
-_TIERS = np.array(["basic", "silver", "gold"])
-_TIER_GIVEN_SEGMENT = np.array([[0.25, 0.40, 0.35], [0.55, 0.35, 0.10], [0.80, 0.17, 0.03]])
+TIERS = np.array(["basic", "silver", "gold"])
+TIER_GIVEN_SEGMENT = np.array([[0.25, 0.40, 0.35], [0.55, 0.35, 0.10], [0.80, 0.17, 0.03]])
 _REGION = {"Asia/Shanghai": "cn", "Europe/London": "uk", "America/New_York": "us",
            "Asia/Kolkata": "in", "Australia/Sydney": "au"}
 _DEVICES = np.array(["ios", "android", "web"])
 _AGES = np.array(["18-24", "25-34", "35-44", "45+"])
 _CHUNK = 25_000
 RHYTHM_FLOOR = 0.12
-_EXTRA_ROUND = 0.08                 # the second daily send round, x each user's send rate
+EXTRA_ROUND = 0.08                 # the second daily send round, x each user's send rate
 _OPEN_DELAY_CAP_MINUTES = 23.5 * 60  # opens that are not late come within the day
 _LATE_OPEN_HOURS = (24.0, 72.0)     # a late open's delay, uniform
 _PURCHASE_WINDOW_HOURS = 72.0       # a purchase caused by an open comes within this
 _SWITCH_DAYS = 14.0                 # a new archetype mix takes over across two weeks
 _RHYTHM_STEP_DAYS = 7.0             # a drifting rhythm is recomputed once a week
-_DORMANT = 0.03                     # engagement below this is none
+DORMANT = 0.03                     # engagement below this is none
 _WINBACK_LEVEL = (0.3, 1.0)         # a come-back's engagement, uniform
 
 
@@ -154,11 +154,11 @@ class _Chunk:
         mean_open = np.clip(sim.base_open_rate * SEGMENT_OPENS[self.segment], 0.01, 0.6)
         self.base = rng.beta(4.0, 4.0 * (1 - mean_open) / mean_open)
         if sim.segment_sends_per_week:   # the domain's volumes, over both daily rounds
-            per_day, floor = np.array(sim.segment_sends_per_week)[self.segment] / 7 / (1 + _EXTRA_ROUND), 0.0
+            per_day, floor = np.array(sim.segment_sends_per_week)[self.segment] / 7 / (1 + EXTRA_ROUND), 0.0
         else:
-            per_day, floor = sim.send_rate * _SEGMENT_SENDS[self.segment], 0.02
+            per_day, floor = sim.send_rate * SEGMENT_SENDS[self.segment], 0.02
         self.send_rate = np.clip(per_day * rng.lognormal(0, 0.15, n), floor, 1.0)
-        self.activity = sim.sessions_per_day * _SEGMENT_SESSIONS[self.segment] * rng.lognormal(0, 0.4, n)
+        self.activity = sim.sessions_per_day * SEGMENT_SESSIONS[self.segment] * rng.lognormal(0, 0.4, n)
         fades = rng.random(n) < sim.fade_share
         # fading starts any time, so every snapshot (not only the last) sees users on their way out
         self.fade_start = np.where(fades, rng.uniform(-20, days + 60, n), np.inf)
@@ -180,7 +180,7 @@ class _Chunk:
         self.comeback = None
         if sim.winback_share > 0:
             back = fades & (rng.random(n) < sim.winback_share)
-            dormant_from = self.fade_start + self.fade_tau * np.log(1 / _DORMANT)
+            dormant_from = self.fade_start + self.fade_tau * np.log(1 / DORMANT)
             self.comeback = np.where(back, dormant_from + rng.exponential(sim.winback_after_days_mean, n), np.inf)
             self.comeback_level = rng.uniform(*_WINBACK_LEVEL, n)
         self.rhythm_today = self.rhythm
@@ -219,7 +219,7 @@ class _Chunk:
 
     def engagement(self, t_days: np.ndarray, users: np.ndarray) -> np.ndarray:
         e = np.exp(-np.maximum(t_days - self.fade_start[users], 0.0) / self.fade_tau[users])
-        e = np.where(e < _DORMANT, 0.0, e)
+        e = np.where(e < DORMANT, 0.0, e)
         if self.comeback is not None:
             e = np.where(t_days >= self.comeback[users], self.comeback_level[users], e)
         return e
@@ -316,7 +316,7 @@ class _Chunk:
         random hour), answered in time order."""
         sim, rng, n = self.cfg.simulate, self.rng, self.n
         users, t = [], []
-        for rate in (self.send_rate, self.send_rate * _EXTRA_ROUND):
+        for rate in (self.send_rate, self.send_rate * EXTRA_ROUND):
             drawn = np.flatnonzero(can & (rng.random(n) < rate))
             explore = rng.random(len(drawn)) < sim.exploration
             hour = np.where(explore, rng.integers(0, 24, len(drawn)), rng.choice(house, len(drawn)))
@@ -345,7 +345,7 @@ class _Chunk:
         date = self.start + pd.Timedelta(days=d)
         self.rules.new_day(date.year * 12 + date.month)
         house_minutes = np.array(sim.house_hours, dtype=np.int64) * 60
-        for rate in (self.send_rate, self.send_rate * _EXTRA_ROUND):
+        for rate in (self.send_rate, self.send_rate * EXTRA_ROUND):
             # the second round comes after the first (the rules keep sends in time order), so
             # the first round's unsubscribes count
             can = can & np.isinf(self.unsubscribed_at).any(axis=1)
@@ -487,7 +487,7 @@ class _Chunk:
             propensity = np.concatenate(c["propensity"]) if c["propensity"] else np.zeros(0)
             columns["propensity"] = pa.array(propensity[idx], pa.float64(), from_pandas=True)
         events = pa.table(columns)
-        tier_cdf = np.cumsum(_TIER_GIVEN_SEGMENT[self.segment], axis=1)
+        tier_cdf = np.cumsum(TIER_GIVEN_SEGMENT[self.segment], axis=1)
         users = pd.DataFrame({
             "user_id": self.user_ids,
             "signup_ts": pd.to_datetime(self.start.value // 1000 + np.round(self.signup * 86400e6).astype(np.int64),
@@ -497,7 +497,7 @@ class _Chunk:
             "device": self.rng.choice(_DEVICES, self.n, p=[0.45, 0.45, 0.10]),
             "age_band": self.rng.choice(_AGES, self.n, p=[0.25, 0.35, 0.25, 0.15]),
             # observable, and only leaning on the latent segment (which stays in truth.parquet)
-            "loyalty_tier": _TIERS[np.minimum((self.rng.random(self.n)[:, None] > tier_cdf).sum(axis=1), 2)],
+            "loyalty_tier": TIERS[np.minimum((self.rng.random(self.n)[:, None] > tier_cdf).sum(axis=1), 2)],
         })
         return events, users, truth
 
@@ -551,7 +551,7 @@ class _Chunk:
         grid = snapshot + np.arange(horizon) + 0.5
         e_grid = np.stack([self.engagement(np.full(n, g), users) for g in grid], axis=1)
         open_mix = (reachable * self.channel_p * self.open_factor).sum(axis=1)
-        per_day = self.activity + self.send_rate * (1 + _EXTRA_ROUND) * self.base * expected_fatigue * open_mix
+        per_day = self.activity + self.send_rate * (1 + EXTRA_ROUND) * self.base * expected_fatigue * open_mix
         true_churn = np.exp(-(per_day[:, None] * e_grid).sum(axis=1))
         dominant = np.array([a[0] for a in ARCHETYPES])[self._weights_on(snapshot).argmax(axis=1)]
         return pd.DataFrame({
@@ -561,7 +561,7 @@ class _Chunk:
             "churned": active & ~came_back,
             "true_churn_prob": true_churn,
             "archetype": dominant,
-            "segment": _SEGMENTS[self.segment],
+            "segment": SEGMENTS[self.segment],
             "truth_channel": np.full(n, self.channel_names[tc], dtype=object),
         })
 

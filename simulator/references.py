@@ -111,17 +111,6 @@ def bayes_ignores(cfg: Config) -> tuple[str, ...]:
 
 # --------------------------------------------------------------------------- the generator's priors
 
-def _generator_constant(name: str, default=None):
-    """A prior parameter of :mod:`simulator.generate`. Some are still module-private there
-    (or literals in older versions); read the public name first."""
-    value = getattr(generate, name.lstrip("_"), None)
-    if value is None:
-        value = getattr(generate, name, default)
-    if value is None:
-        raise AttributeError(f"simulator.generate has no {name.lstrip('_')}")
-    return value
-
-
 @dataclass(frozen=True)
 class GeneratorPriors:
     """What the inversion assumes: the default generator's priors and its [simulate] numbers."""
@@ -148,25 +137,22 @@ class GeneratorPriors:
 
 def generator_priors(cfg: Config) -> GeneratorPriors:
     sim = cfg.simulate
-    extra = float(_generator_constant("_EXTRA_ROUND", 0.08))
+    extra = float(generate.EXTRA_ROUND)
     weekly = tuple(getattr(sim, "segment_sends_per_week", ()) or ())
     if weekly:
         per_day, floor = np.asarray(weekly, dtype=float) / 7 / (1 + extra), 0.0
     else:
-        per_day, floor = sim.send_rate * np.asarray(_generator_constant("_SEGMENT_SENDS"), dtype=float), 0.02
-    try:
-        tiers = tuple(str(t) for t in _generator_constant("_TIERS"))
-        tier_given = np.asarray(_generator_constant("_TIER_GIVEN_SEGMENT"), dtype=float)
-    except AttributeError:           # a generator that writes the segment itself
-        tiers, tier_given = (), None
+        per_day, floor = sim.send_rate * np.asarray(generate.SEGMENT_SENDS, dtype=float), 0.02
+    tiers = tuple(str(t) for t in generate.TIERS)
+    tier_given = np.asarray(generate.TIER_GIVEN_SEGMENT, dtype=float)
     return GeneratorPriors(
-        segment_names=tuple(str(s) for s in _generator_constant("_SEGMENTS")),
+        segment_names=tuple(str(s) for s in generate.SEGMENTS),
         segment_share=np.asarray(SEGMENT_SHARE, dtype=float),
         segment_opens=np.asarray(SEGMENT_OPENS, dtype=float),
         segment_sends_per_day=per_day, send_rate_floor=floor,
-        segment_sessions=np.asarray(_generator_constant("_SEGMENT_SESSIONS"), dtype=float),
+        segment_sessions=np.asarray(generate.SEGMENT_SESSIONS, dtype=float),
         tiers=tiers, tier_given_segment=tier_given,
-        extra_round=extra, dormant=float(_generator_constant("_DORMANT", 0.03)),
+        extra_round=extra, dormant=float(generate.DORMANT),
         base_open_rate=sim.base_open_rate, sessions_per_day=sim.sessions_per_day,
         purchase_per_session=sim.purchase_per_session, fade_share=sim.fade_share,
         fade_days_mean=sim.fade_days_mean, fatigue_per_recent_send=sim.fatigue_per_recent_send,
