@@ -8,7 +8,7 @@ What it does, each step a child process (its own wall time and peak RSS):
 1. simulate ``--users`` users for ``--days`` + 1 days (unless ``--data``) and split the log
    into ``part-1.parquet`` (up to the last day) and ``part-2.parquet`` (the last day): the
    nightly arrival of one more day;
-2. train and promote champions of both tasks on a small log (``--train-users``) in a
+2. train and promote champions of both tasks on a small log (``--train-users``, 120 days: churn needs three label horizons) in a
    throw-away MLflow store (the refresh's cost does not depend on the training data);
 3. the baseline: a hand-written DuckDB aggregate over part-1, per-user event counts by
    local hour (the users table joined for the time zone) -- the cheapest honest pass over
@@ -117,7 +117,7 @@ def main() -> None:
     # champions, trained on a small log of the same simulator
     train = work / "train"
     if not (work / "mlruns").exists():
-        steps.append(run([*cli, "simulate", "--out", str(train), "--users", str(a.train_users), "--days", "100"],
+        steps.append(run([*cli, "simulate", "--out", str(train), "--users", str(a.train_users), "--days", "120"],
                          env, "simulate training log"))
         for task in ("open", "churn"):
             steps.append(run([*cli, "train", "--task", task, "--model", "lightgbm", "--events",
