@@ -329,7 +329,7 @@ def _attributed_full(log: EventLog, as_of: datetime, cfg: Config, state: Feature
     decayed = cfg.features.slot_half_life_days > 0
     # with decayed per-slot evidence every send of the log is attributed; the windowed
     # aggregates below keep to the history window
-    first = log.query_df("SELECT min(ts) AS t FROM events")["t"].iloc[0] if decayed else None
+    first = log.min_ts() if decayed else None
     start = min(since, pd.Timestamp(first).to_pydatetime() - timedelta(seconds=1)) if first is not None else since
     sends = attributed_sends_sql(start, as_of, as_of, window.total_seconds() / 3600, cfg.slots.kind)
     log.con.execute(f"CREATE OR REPLACE TEMP TABLE _attributed AS SELECT user_id, ts, slot, opened FROM ({sends})")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from configs import Config, atomic_path, resolve_as_of
+from configs import Config, resolve_as_of
 from features.cluster import Partitions, cluster_client, parse_cluster, plan_partitions, run_partitions, worker_cached
 from features.events import EventLog
 from features.families import feature_catalog
@@ -51,8 +50,8 @@ from serving.core import PriorTable, ScoringCore, cold_start_priors
 from serving.drift import check_drift
 from serving.models import Champions
 from serving.plan_rules import PLAN_SENDS_FILE, PLAN_USERS_FILE, PlanHistory, load_history
-from serving.refresh import TAG_SCHEMA, RefreshResult, tags_frame
-from serving.tagstore import RefreshLock, new_refresh_dir, publish_refresh, write_store
+from serving.refresh import TAG_SCHEMA, RefreshResult, publish_beyond, publish_built, tags_frame
+from serving.tagstore import RefreshLock, new_refresh_dir, write_store
 
 __all__ = ["refresh_on_cluster", "score_on_cluster"]
 
@@ -132,19 +131,11 @@ def refresh_on_cluster(client: Any, parts: Partitions, source: LogSource, whole:
         write_store(building, priors, manifest)
         history.users.to_parquet(building.root / PLAN_USERS_FILE, index=False)
         history.sends.to_parquet(building.root / PLAN_SENDS_FILE, index=False)
-        with atomic_path(out) if out is not None else nullcontext() as staged:
-            if staged is not None:
-                pq.write_table(table, staged)
-            publication = publish_refresh(serving_dir, building, refresh_id, cfg.serving.keep_refreshes,
-                                          lock=lock, make_current=make_current)
+        publication = publish_built(serving_dir, building, refresh_id, table, out, cfg, lock, make_current)
     except BaseException:
         shutil.rmtree(building.root, ignore_errors=True)
         raise
-    tag_store_url = cfg.serving.resolved_tag_store_url()
-    if tag_store_url:
-        from serving.pg_tagstore import publish_to_postgres
-
-        publish_to_postgres(tag_store_url, publication.paths, publication)
+    publish_beyond(publication, cfg)
     drift = check_drift(matrix, scores, champions, cfg, refresh_id=refresh_id)
     published = publication.paths
     return RefreshResult(tags_path=Path(out) if out else published.tags, refresh=published,

@@ -47,7 +47,8 @@ from serving.tagstore import (
     write_store,
 )
 
-__all__ = ["ACTIVE_HOURS_FIELD", "TAG_COLUMNS", "RefreshResult", "refresh_tags", "tags_frame", "tags_table"]
+__all__ = ["ACTIVE_HOURS_FIELD", "TAG_COLUMNS", "RefreshResult", "publish_beyond", "publish_built", "refresh_tags",
+           "tags_frame", "tags_table"]
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,30 @@ def refresh_tags(log_: EventLog, cfg: Config, champions: Champions, out: Path | 
         return _refresh_locked(log_, cfg, champions, out, as_of, progress, make_current, held, full)
 
 
+def publish_built(serving_dir: Path, building: RefreshPaths, refresh_id: str, table: pa.Table, out: Path | None,
+                  cfg: Config, lock: RefreshLock, make_current: bool) -> Publication:
+    """Swap the finished refresh folder in, and write ``out`` beside it: only a published
+    refresh replaces ``out``, so the two never disagree after a failure."""
+    with atomic_path(out) if out is not None else nullcontext() as staged:
+        if staged is not None:
+            pq.write_table(table, staged)
+        return publish_refresh(serving_dir, building, refresh_id, cfg.serving.keep_refreshes,
+                               lock=lock, make_current=make_current)
+
+
+def publish_beyond(publication: Publication, cfg: Config) -> None:
+    """After the swap, under the same refresh lock: PostgreSQL when configured (a backfill
+    kept out of service stays out of it too), and a word about such a backfill."""
+    tag_store_url = cfg.serving.resolved_tag_store_url()
+    if tag_store_url:
+        from serving.pg_tagstore import publish_to_postgres
+
+        publish_to_postgres(tag_store_url, publication.paths, publication)
+    if publication.backfill and not publication.became_current:
+        log.info("backfill as of %s kept out of service: the current refresh %s is as of %s",
+                 publication.as_of, publication.current.refresh_id, publication.current_as_of)
+
+
 def _refresh_locked(log_: EventLog, cfg: Config, champions: Champions, out: Path | None,
                     as_of: datetime | None, progress: bool, make_current: bool,
                     lock: RefreshLock, full: bool = False) -> RefreshResult:
@@ -301,25 +326,11 @@ def _refresh_locked(log_: EventLog, cfg: Config, champions: Champions, out: Path
             history = load_history(log_, as_of, cfg.serving.max_window_hours, cfg)
             history.users.to_parquet(building.root / PLAN_USERS_FILE, index=False)
             history.sends.to_parquet(building.root / PLAN_SENDS_FILE, index=False)
-        with atomic_path(out) if out is not None else nullcontext() as staged:
-            if staged is not None:
-                pq.write_table(table, staged)
-            # only a published refresh replaces --out, so the two never disagree after a failure
-            publication = publish_refresh(serving_dir, building, refresh_id, cfg.serving.keep_refreshes,
-                                          lock=lock, make_current=make_current)
+        publication = publish_built(serving_dir, building, refresh_id, table, out, cfg, lock, make_current)
     except BaseException:
         shutil.rmtree(building.root, ignore_errors=True)
         raise
-    tag_store_url = cfg.serving.resolved_tag_store_url()
-    if tag_store_url:
-        # under the same refresh lock, once the folder and --out are in place; a backfill
-        # kept out of service stays out of PostgreSQL too
-        from serving.pg_tagstore import publish_to_postgres
-
-        publish_to_postgres(tag_store_url, publication.paths, publication)
-    if publication.backfill and not publication.became_current:
-        log.info("backfill as of %s kept out of service: the current refresh %s is as of %s",
-                    publication.as_of, publication.current.refresh_id, publication.current_as_of)
+    publish_beyond(publication, cfg)
     drift = check_drift(matrix, scores, champions, cfg, refresh_id=refresh_id)
     published = publication.paths
     return RefreshResult(tags_path=Path(out) if out else published.tags, refresh=published,
