@@ -10,6 +10,8 @@ which is how the Dask path reuses it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -91,6 +93,33 @@ class EventLog:
 
     def close(self) -> None:
         self.con.close()
+
+    @contextmanager
+    def narrowed(self, ranges: list[tuple[datetime, datetime]]) -> Iterator["EventLog"]:
+        """This log with ``events`` (and every view over it) holding only the events whose ts
+        lies in one of the (a, b] ``ranges``, read from the sources once and kept in memory.
+
+        For a batch of queries that each look inside those ranges only: the incremental
+        refresh reads a day of new events and a few one-day slices of a long log, and a log
+        whose files are not ordered by time cannot skip anything, so each query would
+        otherwise scan all of it. The views are put back on leaving."""
+        merged: list[list[datetime]] = []
+        for a, b in sorted(ranges):
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        (saved,) = self.con.execute(
+            "SELECT sql FROM duckdb_views() WHERE view_name = 'events' AND temporary").fetchall()[0]
+        ts = lambda v: f"TIMESTAMP '{v.isoformat(sep=' ')}'"  # noqa: E731
+        keep = " OR ".join(f"(ts > {ts(a)} AND ts <= {ts(b)})" for a, b in merged) or "false"
+        self.con.execute(f"CREATE OR REPLACE TEMP TABLE _narrowed_events AS SELECT * FROM events WHERE {keep}")
+        self.con.execute("CREATE OR REPLACE TEMP VIEW events AS SELECT * FROM _narrowed_events")
+        try:
+            yield self
+        finally:
+            self.con.execute(saved.replace("CREATE TEMP VIEW", "CREATE OR REPLACE TEMP VIEW", 1))
+            self.con.execute("DROP TABLE IF EXISTS _narrowed_events")
 
 
 def source_sql(path: Path, what: str) -> str:

@@ -463,8 +463,9 @@ def _mark_unsubscribes(state: FeatureState, unsubs: pd.DataFrame) -> None:
 def advance(log: EventLog, state: FeatureState, as_of: datetime, cfg: Config) -> FeatureState:
     """The state as of ``as_of`` (> state.as_of) from ``state`` and the events after it.
 
-    Reads the events of (T - attribution window, T'] and the slices where windows start;
-    the result equals :func:`build_state` at ``as_of`` when the log before T is unchanged.
+    Reads the events of (T - attribution window, T'] and the slices where windows start,
+    gathered from the log in one scan (:meth:`EventLog.narrowed`); the result equals
+    :func:`build_state` at ``as_of`` when the log before T is unchanged.
     """
     old_t, new_t = state.as_of, as_of
     if new_t <= old_t:
@@ -473,6 +474,28 @@ def advance(log: EventLog, state: FeatureState, as_of: datetime, cfg: Config) ->
     history, window, longest = _windows(cfg)
     if delta >= history or delta >= timedelta(days=longest):
         raise IncrementalMismatch(f"{delta} since the saved state is longer than the feature windows")
+    with log.narrowed(_advance_ranges(old_t, new_t, cfg)):
+        return _advance(log, state, as_of, cfg)
+
+
+def _advance_ranges(old_t: datetime, new_t: datetime, cfg: Config) -> list[tuple[datetime, datetime]]:
+    """Every (a, b] of event times :func:`_advance` reads (a send's flag looks a window
+    before and after it; see :func:`features.attribution.attributed_sends_sql`)."""
+    history, window, _ = _windows(cfg)
+    slides: list[tuple[datetime, datetime]] = []
+    for _, agg in _scan_aggregates(cfg):
+        _delta_sql(agg, old_t, new_t, slides)
+    out = [(old_t - 2 * window, new_t), *slides,
+           (old_t - history - window, new_t - history + window)]
+    for d in cfg.features.frequency_windows_days:
+        out.append((_matured_floor(old_t, cfg, d) - window, _matured_floor(new_t, cfg, d) + window))
+    return out
+
+
+def _advance(log: EventLog, state: FeatureState, as_of: datetime, cfg: Config) -> FeatureState:
+    old_t, new_t = state.as_of, as_of
+    delta = new_t - old_t
+    history, window, longest = _windows(cfg)
     clock = time.perf_counter()
     t0, t1 = sql_ts(old_t), sql_ts(new_t)
     # the universe: old users, users of the new events, and new signups

@@ -27,6 +27,7 @@ import pandas as pd
 from configs import Config
 from features.attribution import attributed_sends_sql
 from features.events import EventLog
+from features.state import NONE_EARLY, FeatureState
 
 __all__ = [
     "PLAN_SENDS_FILE",
@@ -37,6 +38,8 @@ __all__ = [
     "PlanHistory",
     "RuleCheck",
     "check_rules",
+    "copy_history_sends",
+    "history_from_state",
     "load_history",
     "quiet_hours",
     "window_candidates",
@@ -214,7 +217,6 @@ def load_history(
     the opens known at the window start) within ``plan.streak_lookback_days``.
     """
     start = _utc(window_start).replace(tzinfo=None)
-    end = start + timedelta(hours=window_hours)
     since = start - timedelta(days=cfg.plan.streak_lookback_days)
     attributed = attributed_sends_sql(
         since, start, start, cfg.labels.open_attribution_hours, cfg.slots.kind
@@ -233,10 +235,60 @@ def load_history(
                coalesce(k.consecutive_unopened, 0) AS consecutive_unopened, k.last_send
         FROM seen s FULL JOIN users u USING (user_id) LEFT JOIN streak k
           ON k.user_id = coalesce(s.user_id, u.user_id)""")
+    return PlanHistory(users=users, sends=log.query_df(_sends_sql(window_start, window_hours, cfg)))
+
+
+def _sends_sql(window_start: datetime, window_hours: int, cfg: Config) -> str:
+    """The logged sends the rules look at: from the lookback before the window to its end."""
+    start = _utc(window_start).replace(tzinfo=None)
+    end = start + timedelta(hours=window_hours)
     lookback = start - timedelta(days=history_lookback_days(cfg))
-    sends = log.query_df(f"""SELECT user_id, ts, channel FROM events
-        WHERE event = 'send' AND ts > {_ts_sql(lookback)} AND ts < {_ts_sql(end)}""")
-    return PlanHistory(users=users, sends=sends)
+    return f"""SELECT user_id, ts, channel FROM events
+        WHERE event = 'send' AND ts > {_ts_sql(lookback)} AND ts < {_ts_sql(end)}"""
+
+
+_NAT = np.iinfo(np.int64).min   # numpy's NaT, as µs since the epoch
+
+
+def _us_times(us: np.ndarray) -> np.ndarray:
+    return np.asarray(us, dtype=np.int64).view("datetime64[us]")
+
+
+def history_from_state(state: FeatureState, signups: pd.DataFrame, cfg: Config) -> pd.DataFrame | None:
+    """:func:`load_history`'s users frame as of the state's time, read off a refresh's feature
+    state instead of the log (the state already holds each user's first event, last send and
+    open streak under the same attribution), or None when the state's history window is not
+    the rules' streak look-back. ``signups``: the users table's user_id and signup_ts.
+
+    Users first seen after the state's time (no signup, events only later) are left out:
+    nothing is known of them at T, which is also what :func:`check_rules` assumes of users
+    absent from the frame."""
+    if cfg.plan.streak_lookback_days != cfg.features.history_days:
+        return None
+    ids = pd.Index(np.asarray(state.user_ids, dtype=object))
+    first = np.asarray(state.scan["days_since_first_event"])
+    first_event = pd.Series(_us_times(np.where(first == NONE_EARLY, _NAT, first)), index=ids)
+    known = state.history_sends > 0    # the last send counts only inside the look-back, as the log query has it
+    last_send = _us_times(np.where(known, state.last_send, _NAT))
+    signup = pd.Series(pd.to_datetime(signups["signup_ts"], utc=True).dt.tz_localize(None).to_numpy(),
+                       index=pd.Index(signups["user_id"].to_numpy(dtype=object)))
+    signup = signup[~signup.index.duplicated()]
+    later = signup.index.difference(ids)    # signed up after T: new users to the rules, with no events yet
+    users = pd.DataFrame({
+        "user_id": np.concatenate([ids.to_numpy(), later.to_numpy()]),
+        "first_seen": pd.concat([signup.reindex(ids).fillna(first_event), signup.reindex(later)]).to_numpy(),
+        "consecutive_unopened": np.concatenate([state.streak, np.zeros(len(later), dtype=np.int64)]),
+        "last_send": np.concatenate([last_send, np.full(len(later), np.datetime64("NaT"), "datetime64[us]")]),
+    })
+    for column in ("first_seen", "last_send"):
+        users[column] = users[column].astype("datetime64[us]")
+    return users
+
+
+def copy_history_sends(log: EventLog, window_start: datetime, window_hours: int, cfg: Config, path: Path) -> None:
+    """:func:`load_history`'s sends frame written straight from the log to Parquet (no
+    Python objects for millions of sends)."""
+    log.con.execute(f"COPY ({_sends_sql(window_start, window_hours, cfg)}) TO '{path}' (FORMAT parquet)")
 
 
 @dataclass

@@ -35,7 +35,7 @@ from serving.core import PriorTable, Scores, ScoringCore, cold_start_priors
 from serving.drift import DriftReport, check_drift
 from serving.incremental import refresh_features
 from serving.models import Champions
-from serving.plan_rules import PLAN_SENDS_FILE, PLAN_USERS_FILE, load_history
+from serving.plan_rules import PLAN_SENDS_FILE, PLAN_USERS_FILE, copy_history_sends, history_from_state, load_history
 from serving.reasons import Reasons
 from serving.tagstore import (
     Publication,
@@ -292,6 +292,7 @@ def _refresh_locked(log_: EventLog, cfg: Config, champions: Champions, out: Path
         features = refresh_features(log_, as_of, cfg, serving_dir, full=full)
         matrix, population = features.matrix, features.priors
         write_state(building.root, features.state, cfg, features.fingerprint)
+        plan_users = history_from_state(features.state, log_.query_df("SELECT user_id, signup_ts FROM users"), cfg)
         features_note = features.how
         del features   # the state's arrays are on disk; the matrix is what scoring needs
         log.info("features ready: %d users; scoring %d slots each", len(matrix), matrix.n_slots)
@@ -323,9 +324,13 @@ def _refresh_locked(log_: EventLog, cfg: Config, champions: Champions, out: Path
         # what the campaign rules need of each user, as of T, for POST /plan (the service
         # never reads the log): streaks, first seen, and the recent sends
         with _stage("campaign rules' history", timings):
-            history = load_history(log_, as_of, cfg.serving.max_window_hours, cfg)
-            history.users.to_parquet(building.root / PLAN_USERS_FILE, index=False)
-            history.sends.to_parquet(building.root / PLAN_SENDS_FILE, index=False)
+            if plan_users is None:   # the rules look further back than the features: read the log
+                history = load_history(log_, as_of, cfg.serving.max_window_hours, cfg)
+                history.users.to_parquet(building.root / PLAN_USERS_FILE, index=False)
+                history.sends.to_parquet(building.root / PLAN_SENDS_FILE, index=False)
+            else:
+                plan_users.to_parquet(building.root / PLAN_USERS_FILE, index=False)
+                copy_history_sends(log_, as_of, cfg.serving.max_window_hours, cfg, building.root / PLAN_SENDS_FILE)
         publication = publish_built(serving_dir, building, refresh_id, table, out, cfg, lock, make_current)
     except BaseException:
         shutil.rmtree(building.root, ignore_errors=True)

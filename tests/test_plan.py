@@ -455,3 +455,31 @@ def test_estimators_on_a_known_bandit():
     ).estimates.set_index("estimator")
     for name in ("IPS", "self-normalised IPS", "doubly robust"):
         assert est.loc[name, "ci_low"] <= 0.4 <= est.loc[name, "ci_high"], name
+
+
+def test_rules_history_from_the_feature_state_matches_the_log(sim_dir, cfg, tmp_path):
+    """The refresh reads the rules' users off its feature state and copies the sends straight
+    to Parquet; both must say what the log query says, as of a time inside the log."""
+    from features.state import build_state
+    from serving.plan_rules import copy_history_sends, history_from_state
+
+    log = open_log(sim_dir / "events.parquet", sim_dir / "users.parquet")
+    as_of = pd.Timestamp(log.max_ts()).to_pydatetime() - timedelta(days=20)
+    expected = load_history(log, as_of, 24, cfg)
+    state = build_state(log, as_of, cfg)
+    signups = log.query_df("SELECT user_id, signup_ts FROM users")
+    got = history_from_state(state, signups, cfg).set_index("user_id").sort_index()
+    want = expected.users.set_index("user_id").sort_index()
+    # users of the log query the state leaves out: nothing of them is known at T
+    left_out = want.index.difference(got.index)
+    assert (want.loc[left_out, "first_seen"] > as_of.replace(tzinfo=None)).all()
+    assert len(got.index.difference(want.index)) == 0
+    want = want.drop(left_out)
+    assert len(want) > 1000 and (want["consecutive_unopened"] > 0).sum() > 100
+    pd.testing.assert_series_equal(got["consecutive_unopened"], want["consecutive_unopened"], check_dtype=False)
+    for column in ("first_seen", "last_send"):
+        pd.testing.assert_series_equal(got[column].astype("datetime64[us]"), want[column].astype("datetime64[us]"))
+    copy_history_sends(log, as_of, 24, cfg, tmp_path / "sends.parquet")
+    sends = pd.read_parquet(tmp_path / "sends.parquet").sort_values(["user_id", "ts"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(sends, expected.sends.sort_values(["user_id", "ts"]).reset_index(drop=True),
+                                  check_dtype=False)
