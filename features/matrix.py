@@ -165,16 +165,16 @@ class UserMatrix:
             blocks.append(pd.DataFrame(values.astype(np.float32), columns=cols))
         return pd.concat(blocks, axis=1)
 
-    def to_arrow(self) -> pa.Table:
-        """The same table as :meth:`to_frame`, built column by column (no copy of the per-slot
-        arrays into one wide frame: 1.3 GB less at 1M users)."""
-        table = pa.Table.from_pandas(self.scalars.reset_index(), preserve_index=False)
+    def to_arrow(self, rows: slice = slice(None)) -> pa.Table:
+        """The same table as :meth:`to_frame` (of the users ``rows``), built column by column
+        (no copy of the per-slot arrays into one wide frame: 1.3 GB less at 1M users)."""
+        table = pa.Table.from_pandas(self.scalars.iloc[rows].reset_index(), preserve_index=False)
         names, columns = list(table.column_names), list(table.columns)
         for family, values in self.slots.items():
-            block = np.asarray(values, dtype=np.float32)
+            block = values[rows]
             for s in range(self.n_slots):
                 names.append(f"{family}__{s:03d}")
-                columns.append(pa.array(np.ascontiguousarray(block[:, s])))
+                columns.append(pa.array(np.ascontiguousarray(block[:, s], dtype=np.float32)))
         return pa.Table.from_arrays(columns, names=names)
 
     @classmethod
@@ -341,13 +341,13 @@ def slot_features_in_blocks(counts: SlotCounts, priors: PopulationPriors, cfg: C
     counts with the priors): the same numbers, with float64 temporaries the size of a block
     instead of a million users' (a few GB at 1M users x 24 slots)."""
     n = len(counts.user_ids)
-    if n <= block:
-        return slot_features(counts, priors, cfg)
     out: dict[str, np.ndarray] = {}
     rate = np.empty(n)
-    for start in range(0, n, block):
+    for start in range(0, max(n, 1), block):    # an empty matrix still has its families
         part = slice(start, min(start + block, n))
-        chunk = SlotCounts(user_ids=counts.user_ids[part], **{k: getattr(counts, k)[part] for k in SLOT_COUNTS})
+        # in double precision a block at a time (counts may be stored narrower)
+        chunk = SlotCounts(user_ids=counts.user_ids[part],
+                           **{k: getattr(counts, k)[part].astype(np.float64) for k in SLOT_COUNTS})
         families, user_rate = slot_features(chunk, priors, cfg)
         for name, values in families.items():
             if name not in out:
@@ -423,7 +423,7 @@ def build_matrix(
     families, user_rate = slot_features_in_blocks(counts, priors, cfg)
     if "sends" + DECAYED in state.slots:
         decayed = SlotCounts(user_ids=state.user_ids,
-                             **{k: state.slots[k + DECAYED].astype(np.float64) for k in SLOT_COUNTS})
+                             **{k: state.slots[k + DECAYED] for k in SLOT_COUNTS})
         pooled, _ = slot_features_in_blocks(decayed, priors, cfg)
         families.update({name: pooled[name[len("decayed_"):]] for name in SLOT_FAMILIES if name.startswith("decayed_")})
         del decayed, pooled

@@ -23,6 +23,7 @@ __all__ = ["FEATURES_FILE", "MANIFEST_FILE", "read_manifest", "read_snapshot", "
 
 FEATURES_FILE = "features.parquet"
 MANIFEST_FILE = "manifest.json"
+SNAPSHOT_ROW_GROUP = 100_000    # users per Parquet row group of a snapshot
 
 
 def snapshot_manifest(matrix: UserMatrix, priors: PopulationPriors, cfg: Config, **extra: object) -> dict:
@@ -53,17 +54,26 @@ def write_snapshot(folder: str | Path, matrix: UserMatrix, priors: PopulationPri
                    **extra: object) -> dict:
     """Write the matrix and its manifest (each atomically); returns the manifest."""
     folder = Path(folder)
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = matrix.to_arrow()
-    # dictionary pages only for text: tried on every float column they are abandoned after
-    # costing most of the write (1M users x 600 columns: 3-4x the CPU, and 5x on reading back)
-    text = [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
-    write_atomic(folder / FEATURES_FILE, lambda tmp: pq.write_table(table, tmp, use_dictionary=text))
+    write_atomic(folder / FEATURES_FILE, lambda tmp: _write_rows(matrix, tmp))
     manifest = snapshot_manifest(matrix, priors, cfg, **extra)
     write_manifest(folder, manifest)
     return manifest
+
+
+def _write_rows(matrix: UserMatrix, path: Path, rows: int = SNAPSHOT_ROW_GROUP) -> None:
+    """The matrix as Parquet, a row group at a time: Arrow holds one group's copy, not the
+    whole matrix's (2-3 GB at 1M users)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    first = matrix.to_arrow(slice(0, rows))
+    # dictionary pages only for text: tried on every float column they are abandoned after
+    # costing most of the write (1M users x 600 columns: 3-4x the CPU, and 5x on reading back)
+    text = [f.name for f in first.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+    with pq.ParquetWriter(path, first.schema, use_dictionary=text) as writer:
+        writer.write_table(first)
+        for start in range(rows, len(matrix), rows):
+            writer.write_table(matrix.to_arrow(slice(start, start + rows)).cast(first.schema))
 
 
 def read_snapshot(folder: str | Path) -> tuple[UserMatrix, dict]:
