@@ -291,13 +291,14 @@ def _refresh_locked(log_: EventLog, cfg: Config, champions: Champions, out: Path
         log.info("building features of every user as of %s", as_of)
         features = refresh_features(log_, as_of, cfg, serving_dir, full=full)
         matrix, population = features.matrix, features.priors
-        write_state(building.root, features.state, cfg, features.fingerprint)
-        plan_users = history_from_state(features.state, log_.query_df("SELECT user_id, signup_ts FROM users"), cfg)
+        timings: dict[str, float] = {}
+        with _stage("feature state saved", timings):
+            write_state(building.root, features.state, cfg, features.fingerprint)
+            plan_users = history_from_state(features.state, log_.query_df("SELECT user_id, signup_ts FROM users"), cfg)
         features_note = features.how
         del features   # the state's arrays are on disk; the matrix is what scoring needs
         log.info("features ready: %d users; scoring %d slots each", len(matrix), matrix.n_slots)
         scored_at = datetime.now(timezone.utc)
-        timings: dict[str, float] = {}
         with _stage("scoring core", timings):
             core = ScoringCore(champions, matrix, cfg)
         scores, priors = _score_everyone(core, progress, timings)
@@ -331,12 +332,14 @@ def _refresh_locked(log_: EventLog, cfg: Config, champions: Champions, out: Path
             else:
                 plan_users.to_parquet(building.root / PLAN_USERS_FILE, index=False)
                 copy_history_sends(log_, as_of, cfg.serving.max_window_hours, cfg, building.root / PLAN_SENDS_FILE)
-        publication = publish_built(serving_dir, building, refresh_id, table, out, cfg, lock, make_current)
+        with _stage("published", timings):
+            publication = publish_built(serving_dir, building, refresh_id, table, out, cfg, lock, make_current)
     except BaseException:
         shutil.rmtree(building.root, ignore_errors=True)
         raise
     publish_beyond(publication, cfg)
-    drift = check_drift(matrix, scores, champions, cfg, refresh_id=refresh_id)
+    with _stage("drift", {}):
+        drift = check_drift(matrix, scores, champions, cfg, refresh_id=refresh_id)
     published = publication.paths
     return RefreshResult(tags_path=Path(out) if out else published.tags, refresh=published,
                          n_users=table.num_rows, n_cold_start=n_cold_start,
