@@ -246,13 +246,24 @@ def build_state(log: EventLog, as_of: datetime, cfg: Config) -> FeatureState:
     stage("per-slot activity")
     _attributed_full(log, as_of, cfg, state)
     stage("attributed sends")
-    state.active = np.zeros((len(ids), longest), dtype=np.uint8)
-    _mark_active(log, state, as_of - timedelta(days=longest + 1), as_of, as_of, cfg)
-    stage("active days")
+    # each user's active days, once: the recent ones' bits and the whole history's rhythm
+    log.con.execute(f"""CREATE OR REPLACE TEMP TABLE _active_days AS
+        SELECT DISTINCT user_id, {_EPOCH_DAY} AS day FROM events
+        WHERE event IN ({cfg.labels.engagement_sql()}) AND ts <= {sql_ts(as_of)}""")
+    try:
+        day_of_t = pd.Timestamp(_us(as_of), unit="us").normalize()    # UTC, as the log's ts
+        first_day = (day_of_t - pd.Timestamp("1970-01-01")).days - (longest - 1)
+        days = _query_pos(log, state, f"SELECT user_id, day - {first_day} AS j FROM _active_days WHERE day >= {first_day}")
+        state.active = np.zeros((len(ids), longest), dtype=np.uint8)
+        state.active[days["_pos"].to_numpy(), days["j"].to_numpy()] = 1
+        del days
+        stage("active days")
+        _rhythm_full(log, state)
+    finally:
+        log.con.execute("DROP TABLE IF EXISTS _active_days")
+    stage("rhythm")
     _reach_full(log, as_of, state)
     stage("reachability")
-    _rhythm_full(log, as_of, cfg, state)
-    stage("rhythm")
     return state
 
 
@@ -344,25 +355,22 @@ def _attributed_full(log: EventLog, as_of: datetime, cfg: Config, state: Feature
     log.con.execute(f"CREATE OR REPLACE TEMP TABLE _attributed AS SELECT user_id, ts, slot, opened FROM ({sends})")
     in_history = f"a.ts > {sql_ts(since)}"
     try:
+        # matured sends by slot in the history window, and (with decayed evidence) weighed
+        # by age over the whole log, in one pass
+        w = _weight_sql(as_of, timedelta(days=cfg.features.slot_half_life_days)) if decayed else "0.0"
         by_slot = _query_pos(log, state,
-            f"""SELECT user_id, CAST(slot AS SMALLINT) AS slot, CAST(count(*) AS INTEGER) AS n,
-                       CAST(count(*) FILTER (WHERE opened) AS INTEGER) AS k
-                FROM _attributed a WHERE a.ts <= {sql_ts(matured)} AND {in_history} GROUP BY ALL""")
-        state.slots["sends"] = np.zeros((len(ids), n_slots), dtype=np.int32)
-        state.slots["opened"] = np.zeros((len(ids), n_slots), dtype=np.int32)
-        _add_slots(state.slots["sends"], by_slot, "n")
-        _add_slots(state.slots["opened"], by_slot, "k")
-        del by_slot
-        if decayed:
-            w = _weight_sql(as_of, timedelta(days=cfg.features.slot_half_life_days))
-            by_slot = _query_pos(log, state,
-                f"""SELECT user_id, CAST(slot AS SMALLINT) AS slot, sum({w}) AS n,
-                           coalesce(sum({w}) FILTER (WHERE opened), 0.0) AS k
-                    FROM _attributed WHERE ts <= {sql_ts(matured)} GROUP BY ALL""")
-            for name, column in (("sends", "n"), ("opened", "k")):
+            f"""SELECT user_id, CAST(slot AS SMALLINT) AS slot,
+                       CAST(count(*) FILTER (WHERE {in_history}) AS INTEGER) AS n,
+                       CAST(count(*) FILTER (WHERE opened AND {in_history}) AS INTEGER) AS k,
+                       sum({w}) AS wn, coalesce(sum({w}) FILTER (WHERE opened), 0.0) AS wk
+                FROM _attributed a WHERE a.ts <= {sql_ts(matured)} GROUP BY ALL""")
+        for name, column in (("sends", "n"), ("opened", "k")):
+            state.slots[name] = np.zeros((len(ids), n_slots), dtype=np.int32)
+            _add_slots(state.slots[name], by_slot, column)
+            if decayed:
                 state.slots[name + DECAYED] = np.zeros((len(ids), n_slots), dtype=DECAYED_DTYPE)
-                _add_slots(state.slots[name + DECAYED], by_slot, column)
-            del by_slot
+                _add_slots(state.slots[name + DECAYED], by_slot, "w" + column)
+        del by_slot
         windows = ", ".join(
             f"count(*) FILTER (WHERE a.ts <= {sql_ts(matured)} AND a.ts > {sql_ts(_matured_floor(as_of, cfg, d))}) "
             f"AS s{d}, count(*) FILTER (WHERE a.opened AND a.ts <= {sql_ts(matured)} "
@@ -410,12 +418,11 @@ def _mark_active(log: EventLog, state: FeatureState, since: datetime, until: dat
 _EPOCH_DAY = "CAST(date_diff('day', DATE '1970-01-01', CAST(ts AS DATE)) AS INTEGER)"
 
 
-def _rhythm_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState) -> None:
-    """Active days over the whole history and the gaps between them."""
+def _rhythm_full(log: EventLog, state: FeatureState) -> None:
+    """Active days over the whole history (table ``_active_days``) and the gaps between them."""
     rows = _query_pos(log, state,
-        f"""WITH d AS (SELECT DISTINCT user_id, {_EPOCH_DAY} AS day FROM events
-                       WHERE event IN ({cfg.labels.engagement_sql()}) AND ts <= {sql_ts(as_of)}),
-                 g AS (SELECT user_id, day, day - lag(day) OVER (PARTITION BY user_id ORDER BY day) AS gap FROM d)
+        """WITH g AS (SELECT user_id, day, day - lag(day) OVER (PARTITION BY user_id ORDER BY day) AS gap
+                      FROM _active_days)
             SELECT user_id, CAST(count(*) AS INTEGER) AS n, min(day) AS first, max(day) AS last,
                    CAST(coalesce(sum(gap * gap), 0) AS BIGINT) AS sq
             FROM g GROUP BY user_id""")
