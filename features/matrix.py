@@ -336,7 +336,7 @@ def slot_features(counts: SlotCounts, priors: PopulationPriors, cfg: Config) -> 
 
 
 def slot_features_in_blocks(counts: SlotCounts, priors: PopulationPriors, cfg: Config,
-                            block: int = 100_000) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                            block: int = 100_000, keep: set[str] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """:func:`slot_features` a block of users at a time (each user's features are their own
     counts with the priors): the same numbers, with float64 temporaries the size of a block
     instead of a million users' (a few GB at 1M users x 24 slots)."""
@@ -350,6 +350,8 @@ def slot_features_in_blocks(counts: SlotCounts, priors: PopulationPriors, cfg: C
                            **{k: getattr(counts, k)[part].astype(np.float64) for k in SLOT_COUNTS})
         families, user_rate = slot_features(chunk, priors, cfg)
         for name, values in families.items():
+            if keep is not None and name not in keep:
+                continue    # only the families asked for get a whole matrix's array
             if name not in out:
                 out[name] = np.empty((n, values.shape[1]), dtype=values.dtype)
             out[name][part] = values
@@ -424,8 +426,9 @@ def build_matrix(
     if "sends" + DECAYED in state.slots:
         decayed = SlotCounts(user_ids=state.user_ids,
                              **{k: state.slots[k + DECAYED] for k in SLOT_COUNTS})
-        pooled, _ = slot_features_in_blocks(decayed, priors, cfg)
-        families.update({name: pooled[name[len("decayed_"):]] for name in SLOT_FAMILIES if name.startswith("decayed_")})
+        wanted = {name: name[len("decayed_"):] for name in SLOT_FAMILIES if name.startswith("decayed_")}
+        pooled, _ = slot_features_in_blocks(decayed, priors, cfg, keep=set(wanted.values()))
+        families.update({name: pooled[base] for name, base in wanted.items()})
         del decayed, pooled
     stage("per-slot pooling")
     scalars = everyone if everyone is not None else scalar_frame(state, cfg)
