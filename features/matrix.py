@@ -221,8 +221,9 @@ def user_universe(log: EventLog, as_of: datetime, user_ids: pd.Index | None = No
 # --------------------------------------------------------------------------- families
 
 def counts_of(state: FeatureState) -> SlotCounts:
-    """The state's per-slot counts as :class:`SlotCounts` (float, for the pooling)."""
-    return SlotCounts(user_ids=state.user_ids, **{k: state.slots[k].astype(np.float64) for k in SLOT_COUNTS})
+    """The state's per-slot counts as :class:`SlotCounts`: its own arrays, not copies (the
+    pooling turns a block at a time into double precision; sums of integers are exact)."""
+    return SlotCounts(user_ids=state.user_ids, **{k: state.slots[k] for k in SLOT_COUNTS})
 
 
 def slot_counts(log: EventLog, as_of: datetime, cfg: Config, user_ids: pd.Index) -> SlotCounts:

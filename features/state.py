@@ -264,6 +264,7 @@ def build_state(log: EventLog, as_of: datetime, cfg: Config) -> FeatureState:
     stage("rhythm")
     _reach_full(log, as_of, state)
     stage("reachability")
+    log.release_memory()
     return state
 
 
@@ -491,7 +492,9 @@ def advance(log: EventLog, state: FeatureState, as_of: datetime, cfg: Config) ->
     if delta >= history or delta >= timedelta(days=longest):
         raise IncrementalMismatch(f"{delta} since the saved state is longer than the feature windows")
     with log.narrowed(_advance_ranges(old_t, new_t, cfg)):
-        return _advance(log, state, as_of, cfg)
+        moved = _advance(log, state, as_of, cfg)
+    log.release_memory()
+    return moved
 
 
 def _advance_ranges(old_t: datetime, new_t: datetime, cfg: Config) -> list[tuple[datetime, datetime]]:
@@ -712,7 +715,9 @@ def scalar_frame(state: FeatureState, cfg: Config) -> pd.DataFrame:
                     columns[column.name] = values.astype(float)
         elif isinstance(family, StateFamily):
             columns.update(_state_columns(family.name, state, cfg))
-    out = pd.DataFrame(columns, index=pd.Index(state.user_ids, name="user_id"))
+    # copy=False: the arrays are fresh; a consolidating copy would double them for a moment
+    out = pd.DataFrame(columns, index=pd.Index(state.user_ids, name="user_id"), copy=False)
+    del columns
     for family in scalar_families():
         if isinstance(family, DerivedFamily):
             for name, values in family.derive(out, cfg).items():
