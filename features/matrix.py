@@ -337,7 +337,7 @@ def slot_features(counts: SlotCounts, priors: PopulationPriors, cfg: Config) -> 
 
 
 def slot_features_in_blocks(counts: SlotCounts, priors: PopulationPriors, cfg: Config,
-                            block: int = 100_000, keep: set[str] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                            block: int = 50_000, keep: set[str] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """:func:`slot_features` a block of users at a time (each user's features are their own
     counts with the priors): the same numbers, with float64 temporaries the size of a block
     instead of a million users' (a few GB at 1M users x 24 slots)."""
