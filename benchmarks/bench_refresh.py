@@ -44,28 +44,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SENDTIME = [sys.executable, "-m", "sendtime.cli"]
 
-AGGREGATE = """
+# a hand-written query timed in its own process: argv events, users, the SQL ({events}, {users} filled in)
+TIMED_QUERY = """
 import sys, time, duckdb
-events, users = sys.argv[1], sys.argv[2]
+events, users, sql = sys.argv[1:4]
 con = duckdb.connect()
 con.execute("SET threads = 2")
 start = time.perf_counter()
-n = con.execute(f'''
-    SELECT count(*), sum(n) FROM (
-      SELECT e.user_id, e.event, hour(timezone(u.timezone, CAST(e.ts AS TIMESTAMPTZ))) AS local_hour, count(*) AS n
-      FROM read_parquet('{events}') e JOIN read_parquet('{users}') u USING (user_id)
-      GROUP BY ALL)''').fetchall()[0]
+n = con.execute(sql.format(events=events, users=users)).fetchall()[0]
 print(time.perf_counter() - start, n)
 """
 
+AGGREGATE = """
+    SELECT count(*), sum(n) FROM (
+      SELECT e.user_id, e.event, hour(timezone(u.timezone, CAST(e.ts AS TIMESTAMPTZ))) AS local_hour, count(*) AS n
+      FROM read_parquet('{events}') e JOIN read_parquet('{users}') u USING (user_id)
+      GROUP BY ALL)"""
 
 FLOOR = """
-import sys, time, duckdb
-events, users = sys.argv[1], sys.argv[2]
-con = duckdb.connect()
-con.execute("SET threads = 2")
-start = time.perf_counter()
-n = con.execute(f'''
     WITH e AS MATERIALIZED (SELECT user_id, ts, event, message_id FROM read_parquet('{events}')),
     a AS (SELECT e.user_id, e.event, hour(timezone(u.timezone, CAST(e.ts AS TIMESTAMPTZ))) AS local_hour, count(*) AS n
           FROM e JOIN read_parquet('{users}') u USING (user_id) GROUP BY ALL),
@@ -73,9 +69,7 @@ n = con.execute(f'''
     o AS (SELECT user_id, ts, message_id FROM e WHERE event = 'open'),
     t AS (SELECT count(*) AS sends, count(o.ts) AS opened FROM s LEFT JOIN o ON s.user_id = o.user_id
           AND s.message_id = o.message_id AND o.ts >= s.ts AND o.ts <= s.ts + INTERVAL 24 HOUR)
-    SELECT (SELECT count(*) FROM a), (SELECT sum(n) FROM a), (SELECT sends FROM t), (SELECT opened FROM t)''').fetchall()[0]
-print(time.perf_counter() - start, n)
-"""
+    SELECT (SELECT count(*) FROM a), (SELECT sum(n) FROM a), (SELECT sends FROM t), (SELECT opened FROM t)"""
 
 # "INFO serving.refresh: model scores: 16.6 s (25.5 s of CPU)", "... features of N users ... in 55.7 s"
 _STEP = re.compile(r"INFO serving\.refresh: (.+?): ([0-9.]+) s \(")
@@ -167,8 +161,10 @@ def main() -> None:
         print(f"work folder ready: {work}")
         return
 
-    aggregate = run([sys.executable, "-c", AGGREGATE, str(part1), str(users)], env, "hand-written DuckDB aggregate")
-    floor = run([sys.executable, "-c", FLOOR, str(part1), str(users)], env, "hand-written aggregate + attribution")
+    aggregate = run([sys.executable, "-c", TIMED_QUERY, str(part1), str(users), AGGREGATE], env,
+                    "hand-written DuckDB aggregate")
+    floor = run([sys.executable, "-c", TIMED_QUERY, str(part1), str(users), FLOOR], env,
+                "hand-written aggregate + attribution")
     features = run([*cli, "features", "--events", str(log_dir), "--users", str(users), "--out", str(work / "features")],
                    env, "sendtime features (full log)")
     # not quiet: the refresh logs its steps
