@@ -108,9 +108,16 @@ class DatasetConfig(_Frozen):
     open_train_snapshots: int = Field(gt=1)
     open_rows_days: int = Field(gt=0)
     churn_snapshot_every_days: int = Field(gt=0)
-    churn_train_snapshots: int = Field(gt=1)
+    churn_train_snapshots: int = Field(ge=0)   # 0: as many as the log's span allows
     calibration: Literal["isotonic", "sigmoid", "none"]
     calibration_bins: int = Field(gt=1)
+
+    @field_validator("churn_train_snapshots")
+    @classmethod
+    def _two_or_all(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("churn_train_snapshots: 0 (as many as the log's span allows) or at least 2")
+        return value
 
 
 class ModelConfig(_Frozen):

@@ -29,7 +29,7 @@ from features.state import FeatureState
 from training.labels import churn_labels, open_labels
 
 __all__ = ["Dataset", "DatasetPlan", "Split", "build_dataset", "check_split", "concat_splits", "dataset_plan",
-           "open_snapshots", "churn_snapshots", "snapshot_split", "TaskNotTrainable"]
+           "history_mismatch", "open_snapshots", "churn_snapshots", "snapshot_split", "TaskNotTrainable"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,12 @@ class Dataset:
         return h.hexdigest()[:16]
 
 
+# a churn snapshot needs this much of the log behind it to describe anyone
+MIN_HISTORY_DAYS = 14
+# the column that says how long each user has been known (days since the first engagement)
+HISTORY_COLUMN = "days_since_first_engagement"
+
+
 def _day(value: datetime) -> datetime:
     return value.replace(hour=0, minute=0, second=0, microsecond=0)
 
@@ -113,14 +119,17 @@ def churn_snapshots(as_of: datetime, first_event: datetime, cfg: Config) -> tupl
     # validated and served. So the training snapshots are spaced to end before it: the
     # latest one horizon before validation, the others a step apart before that.
     last = valid - horizon
-    train = [last - step * k for k in range(d.churn_train_snapshots - 1, -1, -1)]
-    train = [t for t in train if t >= first_event + timedelta(days=14)]
+    earliest = first_event + timedelta(days=MIN_HISTORY_DAYS)
+    # 0: every step back to the earliest snapshot with enough history behind it
+    count = d.churn_train_snapshots or max(0, (last - earliest) // step + 1)
+    train = [last - step * k for k in range(count - 1, -1, -1)]
+    train = [t for t in train if t >= earliest]
     if not train:
         raise TaskNotTrainable(
             f"the log ({first_event:%Y-%m-%d} to {as_of:%Y-%m-%d}) is too short for the churn task: "
-            f"it needs about {3 * cfg.labels.churn_horizon_days + 16} days (three label horizons of "
-            f"labels.churn_horizon_days = {cfg.labels.churn_horizon_days}: training, validation and "
-            "holdout, after 14 whole days of history)"
+            f"it needs about {3 * cfg.labels.churn_horizon_days + MIN_HISTORY_DAYS + 2} days (three label "
+            f"horizons of labels.churn_horizon_days = {cfg.labels.churn_horizon_days}: training, validation "
+            f"and holdout, after {MIN_HISTORY_DAYS} whole days of history)"
         )
     return train, valid, holdout
 
@@ -217,6 +226,26 @@ def dataset_plan(log: EventLog, task: str, as_of: datetime | None, cfg: Config) 
     return DatasetPlan(task=task, as_of=as_of, jobs=jobs, snapshots=snapshots)
 
 
+def history_mismatch(train: Split, holdout: Split) -> str | None:
+    """Why the holdout may not measure what training learned, when it may not: the training
+    rows' median customer history (days since the first engagement) under half the holdout's.
+    On a log barely three label horizons long, the training snapshots sit near the log's
+    start, so their customers are young and their whole-history counts short (Online Retail,
+    90-day horizon: a median of 39 days against 185), and the model meets at the holdout
+    histories much longer than it was trained on. None when the histories are comparable or
+    the rows do not say."""
+    if HISTORY_COLUMN not in train.rows.columns or HISTORY_COLUMN not in holdout.rows.columns:
+        return None
+    trained = float(np.nanmedian(train.rows[HISTORY_COLUMN].to_numpy(dtype=float, na_value=np.nan)))
+    measured = float(np.nanmedian(holdout.rows[HISTORY_COLUMN].to_numpy(dtype=float, na_value=np.nan)))
+    if not (np.isfinite(trained) and np.isfinite(measured)) or trained >= 0.5 * measured:
+        return None
+    return (f"the churn training snapshots' customers have a median history of {trained:.0f} days against "
+            f"{measured:.0f} at the holdout snapshot: the model is measured on much longer histories than "
+            "it learned from. A log longer than three label horizons (labels.churn_horizon_days), or a "
+            "shorter horizon, gives training snapshots with longer histories")
+
+
 def check_split(task: str, name: str, n_rows: int, n_positive: int) -> None:
     """A set without rows or with a single label value cannot train or measure a model."""
     if n_rows == 0 or n_positive in (0, n_rows):
@@ -235,6 +264,8 @@ def build_dataset(log: EventLog, task: str, as_of: datetime | None, cfg: Config,
     train, valid, holdout = concat_splits(splits[:-2]), splits[-2], splits[-1]
     for name, split in (("train", train), ("validation", valid), ("holdout", holdout)):
         check_split(plan.task, name, len(split), int(split.label.sum()))
+    if plan.task == "churn" and (reason := history_mismatch(train, holdout)):
+        logging.getLogger(__name__).warning(reason)   # "log" here is the event log
     categorical = ("timezone",) + log.attribute_columns
     return Dataset(task=plan.task, as_of=plan.as_of, train=train, valid=valid, holdout=holdout,
                    categorical=categorical, snapshots=plan.snapshots)

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 
-__all__ = ["binary_metrics", "reliability_table", "expected_calibration_error", "churn_baseline_aucs"]
+__all__ = ["binary_metrics", "reliability_table", "expected_calibration_error", "churn_baseline_aucs",
+           "churn_baseline_scores"]
 
 
 def reliability_table(y: np.ndarray, p: np.ndarray, bins: int = 10) -> pd.DataFrame:
@@ -42,17 +43,13 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, bins: int = 10, prefix: str = "
     }
 
 
-def churn_baseline_aucs(rows: pd.DataFrame, y: np.ndarray, longest_window_days: int) -> dict[str, float]:
-    """AUC of the one-number rules a CRM team would use without a model, on the same rows:
-    days since the last engagement (recency), active days in the longest window and over the
-    whole history (frequency, fewer = riskier), and the BG/NBD model's P(alive) and expected
-    active days in the horizon (lower = riskier), each where its column is in ``rows`` and
-    known for some of them. ``baseline_best_auc`` is the highest of these: the bar a churn
-    model has to clear. Users without a value (never engaged, no BG/NBD fit) rank as the most
-    at risk."""
-    y = np.asarray(y, dtype=float)
-    if not 0 < y.mean() < 1:
-        return {}
+def churn_baseline_scores(rows: pd.DataFrame, longest_window_days: int) -> dict[str, np.ndarray]:
+    """The one-number rules a CRM team would use without a model, as risk scores on ``rows``
+    (higher = more at risk): days since the last engagement (recency), active days in the
+    longest window and over the whole history (frequency, fewer = riskier), and the BG/NBD
+    model's P(alive) and expected active days in the horizon (lower = riskier), each where
+    its column is in ``rows`` and known for some of them. Users without a value (never
+    engaged, no BG/NBD fit) rank as the most at risk."""
     risk = {"recency": ("days_since_engagement", 1.0),
             "frequency": (f"active_days_{longest_window_days}d", -1.0),
             "frequency_ever": ("active_days_ever", -1.0),
@@ -66,10 +63,19 @@ def churn_baseline_aucs(rows: pd.DataFrame, y: np.ndarray, longest_window_days: 
             continue
         score = sign * rows[column].to_numpy(dtype=float, na_value=np.nan)
         known = np.isfinite(score)
-        if not known.any():
-            continue
-        score = np.where(known, score, np.max(score[known]) + 1.0)
-        out[f"baseline_{name}_auc"] = float(roc_auc_score(y, score))
+        if known.any():
+            out[name] = np.where(known, score, np.max(score[known]) + 1.0)
+    return out
+
+
+def churn_baseline_aucs(rows: pd.DataFrame, y: np.ndarray, longest_window_days: int) -> dict[str, float]:
+    """AUC of each of :func:`churn_baseline_scores` on the same rows; ``baseline_best_auc`` is
+    the highest of these: the bar a churn model has to clear."""
+    y = np.asarray(y, dtype=float)
+    if not 0 < y.mean() < 1:
+        return {}
+    out = {f"baseline_{name}_auc": float(roc_auc_score(y, score))
+           for name, score in churn_baseline_scores(rows, longest_window_days).items()}
     if out:
         out["baseline_best_auc"] = max(out.values())
     return out
