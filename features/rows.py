@@ -25,7 +25,7 @@ def _is_input(column: str) -> bool:
     # whole-history totals ("*_ever") grow with the log's age, so a model trained on early
     # snapshots would meet larger values than it ever saw; it reads them as rates (per day
     # since first seen), the BG/NBD quantities and the age-weighted counts instead
-    return column not in _NOT_FEATURES and not column.endswith("_ever")
+    return column not in _NOT_FEATURES and (not column.endswith("_ever") or column.endswith("_per_day_ever"))
 
 # churn rows' summaries of the slot profile: column -> the per-slot family it is the max of
 _SLOT_SUMMARIES = {"best_slot_rate": "circ_rate", "peak_session_share": "session_share"}

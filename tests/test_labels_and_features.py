@@ -207,3 +207,14 @@ def test_no_label_reaches_into_the_next_split(cfg, task):
     assert ds.train.meta["snapshot"].nunique() == 2
     if task == "churn":  # the holdout: the last snapshot (a day) whose horizon ends by the as-of time
         assert pd.Timestamp(ds.as_of) - pd.Timedelta(days=1) < ends["holdout"].max() <= pd.Timestamp(ds.as_of)
+
+
+def test_whole_history_totals_are_read_as_rates_not_raw():
+    """Totals over the whole history grow with the log's age (a model trained on early
+    snapshots meets larger values later): the models read their per-day rates only."""
+    from features.rows import FeatureSpec
+
+    frame = pd.DataFrame({"opens_ever": [3.0], "engagements_ever": [5.0], "active_days_ever": [2.0],
+                          "opens_per_day_ever": [0.1], "lifetime_active_rate": [0.2], "days_since_open": [1.0]})
+    names = FeatureSpec.fit(frame, (), 10).names
+    assert names == ("opens_per_day_ever", "lifetime_active_rate", "days_since_open")
