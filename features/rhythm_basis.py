@@ -1,0 +1,302 @@
+"""Each user's daily rhythm as a mixture of a few shapes learned from the whole population.
+
+A user's app use and answers to sends, slot by slot, are thin: a few dozen sessions spread
+over 24 hours, and sends at the few hours the sender chose. But people's rhythms come in a
+few common shapes (a morning peak, a lunch peak, an evening ...), and the population shows
+them. So, from everyone known at T:
+
+- a small non-negative basis of slot profiles (:class:`RhythmBasis`), fitted as a Poisson
+  factorisation of the population's whole-history evidence by slot: each component has an
+  engagement shape (its share of sessions and purchases per slot) and an open rate per slot
+  (how likely a send in that slot is opened, learned from opened AND unopened sends at that
+  slot, each user's own level factored out), and a user is a mix of the components;
+- each user's mix, the posterior mode under a Dirichlet prior whose mean and strength are
+  learned from the population (:func:`rhythm_weights`): every engagement event's slot and
+  every send's outcome at its slot weigh in, so a user with little evidence stays near the
+  population's mix and a user with much evidence gets their own;
+- per-slot values from that mix (:func:`rhythm_families`): the engagement profile, the open
+  rhythm (the mix of the components' open rates, mean 1 over slots) and an open propensity
+  at the slot (the user's level times the rhythm, pooled with the user's own sends and
+  opens in that slot).
+
+A factorisation like this has many near-equal optima (the likelihoods of different starts
+differ by 1e-4 per event while their best slots differ by a percent of capture), so the
+basis is fitted from ``n_starts`` fixed starts and the users' values are averaged over them.
+
+Nothing here knows how a log was made: the shapes, their open rates and the prior all come
+from the log. The fit is deterministic (fixed starts, no random draws), vectorised, and its
+cost is linear in users (the basis is fitted on at most ``max_fit_users`` users, chosen by a
+stable hash of their ids when given; every user's mix is computed a block at a time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["RHYTHM_FAMILIES", "RhythmBasis", "fit_rhythm_basis", "fit_rows", "rhythm_families", "rhythm_weights"]
+
+# per-slot families this module adds, each an (n_users, n_slots) array
+RHYTHM_FAMILIES: tuple[str, ...] = (
+    "rhythm_share",   # posterior engagement profile: share of the user's engagement in the slot, x n_slots
+    "rhythm_open",    # posterior open rhythm: the mix of the components' open rates, mean 1 over slots
+    "rhythm_expected",  # the user's open level x the open rhythm: the slot's open rate from the rhythm alone
+    "rhythm_rate",    # the same pooled with the slot's own sends and opens
+    "rhythm_rank",    # rank of rhythm_rate within the user (0 = best slot)
+)
+
+_TINY = 1e-12
+# pseudo-counts per component while the basis is fitted: the users' own mixes
+_FLAT_PRIOR = 1e-3
+
+
+@dataclass(frozen=True)
+class RhythmBasis:
+    """What the population says about rhythms; fitted once over one stated population.
+    One basis per start (the leading axis of each array)."""
+
+    shapes: np.ndarray       # (starts, K, n_slots) each component's engagement share per slot (sums to 1)
+    open_rates: np.ndarray   # (starts, K, n_slots) each component's open rate per slot, relative (mean 1)
+    prior: np.ndarray        # (starts, K) Dirichlet pseudo-counts of a user's mix
+    overall_rate: float      # the fit users' opened / sends (0: a log without sends)
+    population: str = ""     # which users it was fitted on
+
+    @property
+    def n_starts(self) -> int:
+        return self.prior.shape[0]
+
+    @property
+    def n_components(self) -> int:
+        return self.prior.shape[1]
+
+    def to_dict(self) -> dict:
+        return {"shapes": self.shapes.tolist(), "open_rates": self.open_rates.tolist(),
+                "prior": self.prior.tolist(), "overall_rate": self.overall_rate, "population": self.population}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RhythmBasis":
+        return cls(shapes=np.asarray(data["shapes"], dtype=float), open_rates=np.asarray(data["open_rates"], dtype=float),
+                   prior=np.asarray(data["prior"], dtype=float), overall_rate=float(data["overall_rate"]),
+                   population=data.get("population", ""))
+
+
+def _initial_shapes(n_components: int, n_slots: int, offset: float) -> np.ndarray:
+    """Evenly spaced circular bumps over the slots, the first ``offset`` of a spacing past
+    slot 0, plus a little of everything: a fixed start, so the same log gives the same basis."""
+    slots = np.arange(n_slots)
+    centres = (np.arange(n_components) + offset) * n_slots / n_components
+    gap = np.abs(slots[None, :] - centres[:, None])
+    gap = np.minimum(gap, n_slots - gap)
+    bumps = np.exp(-0.5 * (gap / (n_slots / n_components)) ** 2) + 0.05
+    return bumps / bumps.sum(axis=1, keepdims=True)
+
+
+def _weight_step(weights: np.ndarray, activity: np.ndarray, opened: np.ndarray | None, shapes: np.ndarray,
+                 open_rates: np.ndarray, prior: np.ndarray, totals: np.ndarray,
+                 exposure: np.ndarray | None) -> np.ndarray:
+    """One minorise-maximise step of every user's mix (rows on the simplex).
+
+    The user's log posterior in the mix w: sum_s a_s log(w.B_s) - A log(sum w) (engagement by
+    slot, its total profiled out), + sum_s o_s log(w.C_s) - O log(sum_s n_s w.C_s) (which
+    slots the opens fell in, given where the sends went: unopened sends count through the
+    exposure, the user's own open level profiled out), + sum_k prior_k log(w_k / sum w).
+    Jensen on the log-sums and tangents on the -log terms give a closed-form update that
+    never lowers it. ``totals``: (A + sum prior, O) per user; ``exposure``: sends @ C.T."""
+    mix = weights @ shapes + _TINY
+    gain = weights * ((activity / mix) @ shapes.T)
+    total = totals[:, :1]
+    if opened is not None:
+        rate = weights @ open_rates + _TINY
+        expected = (weights * exposure).sum(axis=1, keepdims=True) + _TINY
+        gain += weights * ((opened / rate) @ open_rates.T)
+        total = total + totals[:, 1:] * exposure / expected
+    out = (gain + prior) / total
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def _totals(activity: np.ndarray, opened: np.ndarray | None, prior: np.ndarray) -> np.ndarray:
+    first = activity.sum(axis=1) + prior.sum()
+    return np.stack([first, opened.sum(axis=1) if opened is not None else np.zeros_like(first)], axis=1)
+
+
+def _dirichlet_prior(weights: np.ndarray, evidence: np.ndarray, min_evidence: float) -> np.ndarray:
+    """Dirichlet pseudo-counts by moments of the mixes of the users with the most evidence,
+    fitted under an almost flat prior (their own mixes, not pulled toward a prior that is
+    being estimated: that loop feeds on itself, toward the population's mean mix for
+    everyone): mean = their average mix, strength from the spread."""
+    rich = evidence >= min_evidence
+    if rich.sum() < 10 * weights.shape[1]:
+        rich = evidence >= np.quantile(evidence, 0.75)
+    w = weights[rich]
+    mean = w.mean(axis=0)
+    var = w.var(axis=0) + _TINY
+    strength = float(np.median(mean * (1 - mean) / var - 1))
+    return mean * float(np.clip(strength, 0.05, 10.0 * len(mean)))
+
+
+def _fit_one(a: np.ndarray, s: np.ndarray | None, o: np.ndarray | None, evidence: np.ndarray, n_components: int,
+             offset: float, iterations: int, min_evidence: float, rate_pseudo_sends: float,
+             overall: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One start's (shapes, open rates, prior), components ordered by their peak slot."""
+    n_slots = a.shape[1]
+    shapes = _initial_shapes(n_components, n_slots, offset)
+    open_rates = np.full((n_components, n_slots), max(overall, 1e-3))
+    # the basis is learned from near-maximum-likelihood mixes; the prior from them at the end
+    flat = np.full(n_components, _FLAT_PRIOR)
+    totals = _totals(a, o, flat)
+    weights = np.full((len(a), n_components), 1.0 / n_components)
+    for _ in range(iterations):
+        mix = weights @ shapes + _TINY
+        new_shapes = shapes * (weights.T @ (a / mix)) + 1e-6
+        if o is not None:
+            # Poisson in the opens of each (user, slot), exposure = sends x the user's level
+            rate = weights @ open_rates + _TINY
+            exposure = s @ open_rates.T
+            level = o.sum(axis=1, keepdims=True) / ((weights * exposure).sum(axis=1, keepdims=True) + _TINY)
+            numer = open_rates * (weights.T @ (o / rate))
+            denom = (weights * level).T @ s
+            centre = open_rates.mean(axis=1, keepdims=True)
+            open_rates = (numer + rate_pseudo_sends * centre) / (denom + rate_pseudo_sends)
+        shapes = new_shapes / new_shapes.sum(axis=1, keepdims=True)
+        weights = _weight_step(weights, a, o, shapes, open_rates, flat, totals,
+                               s @ open_rates.T if o is not None else None)
+    prior = _dirichlet_prior(weights, evidence, min_evidence)
+    if o is not None:
+        open_rates = open_rates / open_rates.mean()   # one common scale: relative rates
+    else:
+        # nothing says when this log's users answer a message: their engagement is the best guess
+        open_rates = shapes * n_slots
+    order = np.argsort(shapes.argmax(axis=1), kind="stable")
+    return shapes[order], open_rates[order], prior[order]
+
+
+def fit_rows(evidence: np.ndarray, max_fit_users: int, user_ids: np.ndarray | None = None) -> np.ndarray:
+    """Positions of the users the basis is fitted on, in their given order: those with any
+    evidence, at most ``max_fit_users`` of them. With ``user_ids``, the ones whose ids hash
+    lowest (a stable hash: the same users however the population is split into partitions,
+    each partition sending its lowest hashes); without, evenly spaced through the rows."""
+    informative = np.flatnonzero(np.asarray(evidence) > 0)
+    if len(informative) <= max_fit_users:
+        return informative
+    if user_ids is None:
+        return informative[np.linspace(0, len(informative) - 1, max_fit_users).round().astype(np.int64)]
+    hashes = pd.util.hash_array(np.asarray(user_ids, dtype=object)[informative].astype(str).astype(object))
+    return np.sort(informative[np.argsort(hashes, kind="stable")[:max_fit_users]])
+
+
+def fit_rhythm_basis(activity: np.ndarray, sends: np.ndarray | None = None, opened: np.ndarray | None = None,
+                     n_components: int = 6, n_starts: int = 4, iterations: int = 60, min_evidence: float = 30.0,
+                     max_fit_users: int = 50_000, rate_pseudo_sends: float = 1.0,
+                     user_ids: np.ndarray | None = None, population: str = "") -> RhythmBasis:
+    """The basis of a population from its per-slot evidence (rows: users, columns: slots).
+
+    ``activity``: engagement by slot (sessions, purchases; age-weighted counts are fine);
+    ``sends``/``opened``: matured sends by slot and how many of them were opened (None: a log
+    without sends; each component's open rates are then its engagement shape).
+    ``n_starts``: starts (bumps shifted by 1/n_starts of their spacing) whose values are
+    averaged; ``min_evidence``: events a user needs for their mix to inform the prior's
+    strength; ``rate_pseudo_sends``: pulls each component's open rate in a slot toward its
+    mean where few sends went (a slot nobody was sent at gets the component's mean rate);
+    ``user_ids``: the rows' ids, to pick the fit's users by id (:func:`fit_rows`).
+    """
+    given = sends is not None and opened is not None
+    # float64 copies of the fit's users only (at 1M users a whole copy is 200 MB an array)
+    evidence = np.asarray(activity).sum(axis=1, dtype=np.float64)
+    if given:
+        evidence = evidence + np.asarray(opened).sum(axis=1, dtype=np.float64)
+    # everything below reads the fit's users only: the same users give the same basis,
+    # however the rest of the population was gathered
+    rows = fit_rows(evidence, max_fit_users, user_ids)
+    a = np.asarray(activity)[rows].astype(np.float64)
+    s = np.asarray(sends)[rows].astype(np.float64) if given else None
+    o = np.asarray(opened)[rows].astype(np.float64) if given else None
+    if s is not None and float(s.sum()) > 0:
+        overall = float((o.sum() + 1.0) / (s.sum() + 10.0))
+    else:
+        s = o = None
+        overall = 0.0
+    if not len(rows):
+        # nobody to learn from (a new or empty log): flat components, every user's rhythm flat
+        n_slots = np.asarray(activity).shape[1]
+        flat = np.full((n_starts, n_components, n_slots), 1.0 / n_slots)
+        return RhythmBasis(shapes=flat, open_rates=flat * n_slots, prior=np.ones((n_starts, n_components)),
+                           overall_rate=overall, population=population)
+    fits = [_fit_one(a, s, o, evidence[rows], n_components, start / n_starts, iterations, min_evidence,
+                     rate_pseudo_sends, overall) for start in range(n_starts)]
+    return RhythmBasis(shapes=np.stack([f[0] for f in fits]), open_rates=np.stack([f[1] for f in fits]),
+                       prior=np.stack([f[2] for f in fits]), overall_rate=overall, population=population)
+
+
+def rhythm_weights(basis: RhythmBasis, activity: np.ndarray, sends: np.ndarray | None = None,
+                   opened: np.ndarray | None = None, iterations: int = 20) -> np.ndarray:
+    """(starts, n_users, K) each user's mix under each start's basis: the posterior mode
+    under its prior (a user's mix depends only on their own evidence and the basis)."""
+    activity = np.asarray(activity, dtype=np.float64)
+    use_sends = sends is not None and opened is not None and basis.overall_rate > 0
+    s = np.asarray(sends, dtype=np.float64) if use_sends else None
+    o = np.asarray(opened, dtype=np.float64) if use_sends else None
+    out = np.empty((basis.n_starts, len(activity), basis.n_components))
+    for m in range(basis.n_starts):
+        prior = basis.prior[m]
+        totals = _totals(activity, o, prior)
+        # the sends' exposure to each component stays put while the mix moves
+        exposure = s @ basis.open_rates[m].T if use_sends else None
+        w = np.broadcast_to(prior / prior.sum(), (len(activity), basis.n_components)).copy()
+        for _ in range(iterations):
+            w = _weight_step(w, activity, o, basis.shapes[m], basis.open_rates[m], prior, totals, exposure)
+        out[m] = w
+    return out
+
+
+def _rank(values: np.ndarray) -> np.ndarray:
+    """0 for the user's highest slot, 1 for the next, ..."""
+    return np.argsort(np.argsort(-values, axis=1), axis=1).astype(float)
+
+
+def rhythm_families(basis: RhythmBasis, activity: np.ndarray, sends: np.ndarray | None = None,
+                    opened: np.ndarray | None = None, slot_prior_strength: float = 4.0,
+                    user_prior_strength: float = 8.0, iterations: int = 20, block: int = 100_000,
+                    keep: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The :data:`RHYTHM_FAMILIES` of each user (float32, (n_users, n_slots)), or those in
+    ``keep``, a block of users at a time (float64 temporaries the size of a block, not of the
+    population).
+
+    Engagement profile and open rhythm are averaged over the starts. ``rhythm_rate``: the
+    user's open level (opened over the sends' expected share under the rhythm, shrunk toward
+    the population's rate by ``user_prior_strength`` pseudo-sends) x the rhythm
+    (``rhythm_expected``), pooled with the user's own sends and opens in the slot
+    (``slot_prior_strength`` pseudo-sends), as the per-slot empirical-Bayes rates are.
+    Without sends both are the rhythm alone."""
+    n, n_slots = len(activity), basis.shapes.shape[2]
+    unknown = sorted(set(keep or ()) - set(RHYTHM_FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown rhythm families {unknown}; choose from {', '.join(RHYTHM_FAMILIES)}")
+    out = {name: np.empty((n, n_slots), dtype=np.float32) for name in RHYTHM_FAMILIES
+           if keep is None or name in keep}
+    use_sends = sends is not None and opened is not None and basis.overall_rate > 0
+    for start in range(0, n, block):
+        part = slice(start, min(start + block, n))
+        a = np.asarray(activity[part], dtype=np.float64)
+        s = np.asarray(sends[part], dtype=np.float64) if use_sends else None
+        o = np.asarray(opened[part], dtype=np.float64) if use_sends else None
+        weights = rhythm_weights(basis, a, s, o, iterations)
+        share = np.einsum("mnk,mks->ns", weights, basis.shapes) * (n_slots / basis.n_starts)
+        rhythm = np.zeros((len(a), n_slots))
+        for m in range(basis.n_starts):
+            one = weights[m] @ basis.open_rates[m]
+            rhythm += one / (one.mean(axis=1, keepdims=True) + _TINY)
+        rhythm /= basis.n_starts
+        if use_sends:
+            exposure = (s * rhythm).sum(axis=1, keepdims=True)
+            level = (o.sum(axis=1, keepdims=True) + user_prior_strength * basis.overall_rate) / (
+                exposure + user_prior_strength)
+            expected = np.clip(level * rhythm, 1e-4, 0.999)
+            rate = (o + slot_prior_strength * expected) / (s + slot_prior_strength)
+        else:
+            expected = rate = rhythm
+        values = {"rhythm_share": share, "rhythm_open": rhythm, "rhythm_expected": expected, "rhythm_rate": rate}
+        for name, array in out.items():
+            array[part] = _rank(rate) if name == "rhythm_rank" else values[name]
+    return out

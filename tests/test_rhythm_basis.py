@@ -1,0 +1,196 @@
+"""The rhythm basis (features.rhythm_basis): shapes learned from a population, each user's
+posterior mix, and the per-slot values, on small populations drawn from known shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from features.rhythm_basis import (
+    RHYTHM_FAMILIES,
+    RhythmBasis,
+    fit_rhythm_basis,
+    fit_rows,
+    rhythm_families,
+    rhythm_weights,
+)
+
+N_SLOTS = 24
+PEAKS = (8.0, 13.0, 21.0)          # the planted components' peak hours
+
+
+def bump(peak: float, width: float = 1.5, n_slots: int = N_SLOTS) -> np.ndarray:
+    slots = np.arange(n_slots)
+    gap = np.abs(slots - peak)
+    gap = np.minimum(gap, n_slots - gap)
+    shape = np.exp(-0.5 * (gap / width) ** 2) + 0.02
+    return shape / shape.sum()
+
+
+def population(n: int = 1500, seed: int = 0, sessions: float = 40.0, sends: float = 30.0) -> dict:
+    """Users mixing three known shapes: sessions by slot, and sends at every slot (few at
+    most) opened with a rate that follows the user's mix."""
+    rng = np.random.default_rng(seed)
+    shapes = np.vstack([bump(p) for p in PEAKS])
+    mix = rng.dirichlet(np.full(len(PEAKS), 0.4), n)
+    profile = mix @ shapes
+    activity = rng.poisson(sessions * profile).astype(float)
+    sent = rng.poisson(sends / N_SLOTS, (n, N_SLOTS)).astype(float)
+    rate = np.clip(0.15 * profile * N_SLOTS, 0, 0.95)
+    opened = rng.binomial(sent.astype(int), rate).astype(float)
+    return {"shapes": shapes, "mix": mix, "profile": profile, "activity": activity, "sends": sent, "opened": opened}
+
+
+@pytest.fixture(scope="module")
+def planted():
+    data = population()
+    basis = fit_rhythm_basis(data["activity"], data["sends"], data["opened"], n_components=3)
+    return data, basis
+
+
+def test_basis_recovers_the_planted_shapes(planted):
+    data, basis = planted
+    assert basis.shapes.shape == (basis.n_starts, 3, N_SLOTS) and np.allclose(basis.shapes.sum(axis=2), 1.0)
+    planted_unit = data["shapes"] / np.linalg.norm(data["shapes"], axis=1, keepdims=True)
+    for m in range(basis.n_starts):
+        fitted = basis.shapes[m] / np.linalg.norm(basis.shapes[m], axis=1, keepdims=True)
+        cos = planted_unit @ fitted.T
+        assert cos.max(axis=1).min() > 0.95, cos
+        # the components' open rates peak where their engagement does
+        assert (np.abs(basis.open_rates[m].argmax(axis=1) - basis.shapes[m].argmax(axis=1)) <= 1).all()
+    assert basis.prior.shape == (basis.n_starts, 3) and (basis.prior > 0).all()
+
+
+def test_posterior_finds_each_users_best_slot(planted):
+    data, basis = planted
+    families = rhythm_families(basis, data["activity"], data["sends"], data["opened"])
+    assert set(families) == set(RHYTHM_FAMILIES)
+    for values in families.values():
+        assert values.shape == data["activity"].shape and values.dtype == np.float32
+        assert np.isfinite(values).all()
+    best = data["profile"].argmax(axis=1)
+    true_at = data["profile"][np.arange(len(best)), families["rhythm_open"].argmax(axis=1)]
+    # nearly the whole of the best slot's weight, and far more than the busiest raw slot
+    captured = true_at.mean() / data["profile"].max(axis=1).mean()
+    raw = data["profile"][np.arange(len(best)), data["activity"].argmax(axis=1)].mean() / data["profile"].max(axis=1).mean()
+    assert captured > 0.95 and captured > raw
+    assert (families["rhythm_rank"].min(axis=1) == 0).all()
+    assert np.allclose(families["rhythm_open"].mean(axis=1), 1.0, atol=1e-4)
+
+
+def test_unopened_sends_move_the_mix(planted):
+    """Same sessions (none), sends at 8 and 21: the user who opened at 8 and not at 21 leans
+    morning, the one who opened at 21 and not at 8 leans evening."""
+    _, basis = planted
+    activity = np.zeros((2, N_SLOTS))
+    sends = np.zeros((2, N_SLOTS))
+    sends[:, [8, 21]] = 10.0
+    opened = np.zeros((2, N_SLOTS))
+    opened[0, 8], opened[1, 21] = 4.0, 4.0
+    rhythm = rhythm_families(basis, activity, sends, opened)["rhythm_open"]
+    assert rhythm[0, 8] > rhythm[0, 21] and rhythm[1, 21] > rhythm[1, 8]
+    # without the outcomes both are the population's mix
+    same = rhythm_families(basis, activity, sends, np.zeros_like(opened))["rhythm_open"]
+    assert np.allclose(same[0], same[1])
+
+
+def test_a_user_without_evidence_gets_the_prior_mix(planted):
+    data, basis = planted
+    weights = rhythm_weights(basis, np.zeros((1, N_SLOTS)), np.zeros((1, N_SLOTS)), np.zeros((1, N_SLOTS)))
+    assert weights.shape == (basis.n_starts, 1, 3)
+    assert np.allclose(weights[:, 0], basis.prior / basis.prior.sum(axis=1, keepdims=True))
+    heavy = rhythm_weights(basis, data["activity"], data["sends"], data["opened"])
+    assert np.allclose(heavy.sum(axis=2), 1.0) and (heavy >= 0).all()
+
+
+def test_deterministic_and_independent_of_the_other_users(planted):
+    data, basis = planted
+    again = fit_rhythm_basis(data["activity"], data["sends"], data["opened"], n_components=3)
+    assert np.array_equal(basis.shapes, again.shapes) and np.array_equal(basis.prior, again.prior)
+    everyone = rhythm_families(basis, data["activity"], data["sends"], data["opened"])
+    some = np.array([5, 17, 400, 1499])
+    alone = rhythm_families(basis, data["activity"][some], data["sends"][some], data["opened"][some])
+    blocks = rhythm_families(basis, data["activity"], data["sends"], data["opened"], block=700)
+    for name in RHYTHM_FAMILIES:   # bit for bit: a partitioned build must give the one-machine numbers
+        assert np.array_equal(alone[name], everyone[name][some]), name
+        assert np.array_equal(blocks[name], everyone[name]), name
+
+
+def test_round_trip_through_a_dict(planted):
+    _, basis = planted
+    back = RhythmBasis.from_dict(basis.to_dict())
+    assert np.array_equal(back.shapes, basis.shapes) and np.array_equal(back.open_rates, basis.open_rates)
+    assert np.array_equal(back.prior, basis.prior) and back.overall_rate == basis.overall_rate
+
+
+def test_a_log_without_sends_and_other_slot_counts():
+    """A purchases-only log: the open rhythm is the engagement profile. Hour-of-week slots work alike."""
+    rng = np.random.default_rng(3)
+    n_slots = 168
+    shapes = np.vstack([bump(p, 4.0, n_slots) for p in (20.0, 90.0, 140.0)])
+    mix = rng.dirichlet(np.full(3, 0.4), 800)
+    activity = rng.poisson(60 * mix @ shapes).astype(float)
+    basis = fit_rhythm_basis(activity, None, None, n_components=3, n_starts=2)
+    assert basis.overall_rate == 0.0
+    families = rhythm_families(basis, activity)
+    assert families["rhythm_open"].shape == (800, n_slots)
+    assert np.allclose(families["rhythm_open"], families["rhythm_share"], rtol=1e-4, atol=1e-5)
+    assert np.array_equal(families["rhythm_rate"], families["rhythm_open"])
+    assert np.array_equal(families["rhythm_expected"], families["rhythm_open"])
+
+
+def test_the_basis_reads_only_its_fit_users():
+    """At most ``max_fit_users`` users, evenly spaced without ids, lowest id hashes with ids:
+    the basis is the one fitted on those users alone, whoever else is in the population."""
+    data = population(n=600, seed=1)
+    args = dict(n_components=3, n_starts=2, iterations=30)
+    capped = fit_rhythm_basis(data["activity"], data["sends"], data["opened"], max_fit_users=200, **args)
+    rows = np.linspace(0, 599, 200).round().astype(int)
+    alone = fit_rhythm_basis(data["activity"][rows], data["sends"][rows], data["opened"][rows], **args)
+    assert np.array_equal(capped.shapes, alone.shapes) and np.array_equal(capped.prior, alone.prior)
+    assert capped.overall_rate == alone.overall_rate
+    ids = np.array([f"u{i:04d}" for i in range(600)], dtype=object)
+    by_id = fit_rhythm_basis(data["activity"], data["sends"], data["opened"], max_fit_users=200, user_ids=ids, **args)
+    rows = fit_rows(data["activity"].sum(axis=1) + data["opened"].sum(axis=1), 200, ids)
+    alone = fit_rhythm_basis(data["activity"][rows], data["sends"][rows], data["opened"][rows], **args)
+    assert np.array_equal(by_id.open_rates, alone.open_rates) and np.array_equal(by_id.prior, alone.prior)
+
+
+def test_the_fit_users_by_id_are_the_same_across_partitions():
+    """Each partition's lowest id hashes, merged, are the whole population's fit users."""
+    rng = np.random.default_rng(5)
+    ids = np.array([f"u{i:05d}" for i in range(2000)], dtype=object)
+    evidence = rng.poisson(3.0, 2000).astype(float)
+    whole = ids[fit_rows(evidence, 300, ids)]
+    assert len(whole) == 300 and (evidence[fit_rows(evidence, 300, ids)] > 0).all()
+    parts = [slice(0, 700), slice(700, 1500), slice(1500, 2000)]
+    candidates = np.concatenate([ids[p][fit_rows(evidence[p], 300, ids[p])] for p in parts])
+    ev = np.concatenate([evidence[p][fit_rows(evidence[p], 300, ids[p])] for p in parts])
+    merged = np.sort(candidates[fit_rows(ev, 300, candidates)])
+    assert np.array_equal(merged, np.sort(whole))
+
+
+@pytest.mark.parametrize("n_users", [0, 1, 3])
+def test_a_population_with_little_or_no_evidence(n_users):
+    """A new log: nobody (or a user or three) to learn from; flat or finite rhythms, no error."""
+    activity = np.zeros((5, N_SLOTS))
+    sends = np.zeros((5, N_SLOTS))
+    opened = np.zeros((5, N_SLOTS))
+    activity[:n_users, 9] = 2.0
+    sends[:n_users, 9] = 1.0
+    basis = fit_rhythm_basis(activity, sends, opened, n_components=3)
+    families = rhythm_families(basis, activity, sends, opened)
+    for values in families.values():
+        assert np.isfinite(values).all()
+    if n_users == 0:
+        assert np.allclose(families["rhythm_open"], 1.0) and np.allclose(families["rhythm_share"], 1.0)
+
+
+def test_only_the_asked_families(planted):
+    data, basis = planted
+    some = rhythm_families(basis, data["activity"], data["sends"], data["opened"], keep=("rhythm_expected",))
+    every = rhythm_families(basis, data["activity"], data["sends"], data["opened"])
+    assert list(some) == ["rhythm_expected"]
+    assert np.array_equal(some["rhythm_expected"], every["rhythm_expected"])
+    with pytest.raises(ValueError, match="rhythm_nope"):
+        rhythm_families(basis, data["activity"], keep=("rhythm_nope",))
