@@ -25,8 +25,7 @@ import numpy as np
 import pandas as pd
 
 from configs import Config, SendtimeError
-from features.events import EventLog
-from features.families import sql_ts
+from features.events import EventLog, sql_ts
 from features.matrix import circular_smooth
 
 __all__ = [

@@ -35,6 +35,7 @@ __all__ = [
     "connect_duckdb",
     "source_sql",
     "sql_quote",
+    "sql_ts",
 ]
 
 log = logging.getLogger(__name__)
@@ -125,8 +126,7 @@ class EventLog:
                 merged.append([a, b])
         (saved,) = self.con.execute(
             "SELECT sql FROM duckdb_views() WHERE view_name = 'events' AND temporary").fetchall()[0]
-        ts = lambda v: f"TIMESTAMP '{v.isoformat(sep=' ')}'"  # noqa: E731
-        keep = " OR ".join(f"(ts > {ts(a)} AND ts <= {ts(b)})" for a, b in merged) or "false"
+        keep = " OR ".join(f"(ts > {sql_ts(a)} AND ts <= {sql_ts(b)})" for a, b in merged) or "false"
         self.con.execute(f"CREATE OR REPLACE TEMP TABLE _narrowed_events AS SELECT * FROM events WHERE {keep}")
         self.con.execute("CREATE OR REPLACE TEMP VIEW events AS SELECT * FROM _narrowed_events")
         try:
@@ -169,6 +169,11 @@ def user_partition_sql(partition: tuple[int, int], column: str = "user_id") -> s
     if not (isinstance(part, int) and isinstance(n_parts, int) and 0 <= part < n_parts):
         raise ValueError(f"partition: ({part!r}, {n_parts!r}) is not (part, n_parts) with 0 <= part < n_parts")
     return f"hash(CAST({column} AS VARCHAR)) % {n_parts} = {part}"
+
+
+def sql_ts(value: datetime) -> str:
+    """A time as a DuckDB timestamp literal (as given: the log's ts are naive UTC)."""
+    return f"TIMESTAMP '{value.isoformat(sep=' ')}'"
 
 
 def sql_quote(text: str) -> str:

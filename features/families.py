@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import pandas as pd
 
@@ -31,7 +31,7 @@ from configs import Config
 __all__ = ["COUNTED_EVENTS", "Aggregate", "Column", "Count", "Decayed", "DerivedFamily", "Ever", "First", "Last", "ScanFamily",
            "StateFamily", "Sum", "active_days_column",
            "check_declarations", "count_column", "days_since_column", "describe_features", "feature_catalog", "phrase",
-           "scalar_families", "sql_ts"]
+           "scalar_families"]
 
 # events counted per window, in this order
 COUNTED_EVENTS: tuple[str, ...] = ("open", "session", "send", "purchase", "click")
@@ -41,10 +41,6 @@ _RECENCY = (("open", "event = 'open'", "no open for {d}", "never opened a messag
             ("session", "event = 'session'", "no session for {d}", "never had a session"),
             ("purchase", "event = 'purchase'", "no purchase for {d}", "never purchased"),
             ("send", "event = 'send'", "no message received for {d}", "never received a message"))
-
-
-def sql_ts(value: datetime) -> str:
-    return f"TIMESTAMP '{value.isoformat(sep=' ')}'"
 
 
 def _days(v: float) -> str:

@@ -22,8 +22,7 @@ import pyarrow as pa
 
 from configs import Config
 from features.btyd import INPUT_COLUMNS, BtydFit, btyd_columns, fit_btyd
-from features.events import EventLog
-from features.families import sql_ts
+from features.events import EventLog, sql_ts
 from features.state import DECAYED, SLOT_COUNTS, FeatureState, build_state, scalar_frame, stage_timer
 
 __all__ = [

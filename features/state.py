@@ -34,7 +34,7 @@ import pandas as pd
 
 from configs import Config, SendtimeError, write_atomic
 from features.attribution import attributed_sends_sql, slot_expr
-from features.events import EventLog
+from features.events import EventLog, sql_ts
 from features.families import (
     Count,
     Decayed,
@@ -47,7 +47,6 @@ from features.families import (
     Sum,
     active_days_column,
     scalar_families,
-    sql_ts,
 )
 
 __all__ = ["FeatureState", "IncrementalMismatch", "SLOT_COUNTS", "advance", "build_state", "config_fingerprint",
