@@ -98,6 +98,13 @@ class FeatureConfig(_Frozen):
     profile_rank: int = Field(ge=0, le=24)
     decay_half_lives_days: tuple[float, ...] = ()
     slot_half_life_days: float = Field(default=0.0, ge=0)
+    rhythm_components: int = Field(default=0, ge=0, le=24)
+    rhythm_starts: int = Field(default=4, ge=1)
+    rhythm_max_fit_users: int = Field(default=50_000, gt=0)
+    rhythm_fit_iterations: int = Field(default=60, gt=0)
+    rhythm_iterations: int = Field(default=20, gt=0)
+    rhythm_min_evidence: float = Field(default=30.0, ge=0)
+    rhythm_families: tuple[str, ...] = ("rhythm_open", "rhythm_expected", "rhythm_rate")
     materialize_max_rows: int = Field(ge=0)
     duckdb_memory_limit: str = ""
     max_attribute_levels: int = Field(gt=1)

@@ -23,6 +23,7 @@ import pyarrow as pa
 from configs import Config
 from features.btyd import INPUT_COLUMNS, BtydFit, btyd_columns, fit_btyd
 from features.events import EventLog, sql_ts
+from features.rhythm_basis import RHYTHM_FAMILIES, RhythmBasis, fit_rhythm_basis, fit_rows, rhythm_families
 from features.state import DECAYED, SLOT_COUNTS, FeatureState, build_state, scalar_frame, stage_timer
 
 __all__ = [
@@ -42,6 +43,10 @@ __all__ = [
     "counts_of",
     "btyd_inputs_of",
     "with_btyd",
+    "with_rhythm",
+    "fit_rhythm",
+    "rhythm_candidates",
+    "rhythm_inputs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -66,7 +71,7 @@ SLOT_FAMILIES: tuple[str, ...] = (
     # the same pooling over the whole history, each event weighted by its age
     # (features.slot_half_life_days): old evidence counts, recent evidence counts more
     "eb_rate", "circ_rate", "rate_rank", "open_at_share", "session_circ", "session_rank",
-    "pooled_rate", "pooled_rank"))
+    "pooled_rate", "pooled_rank")) + RHYTHM_FAMILIES   # each user's posterior rhythm (features.rhythm_basis)
 
 
 @dataclass
@@ -105,6 +110,7 @@ class PopulationPriors:
     profile_basis: np.ndarray      # (n_slots, rank) principal directions
     population: str = ""           # which users these sums ran over
     btyd: dict | None = None       # the BG/NBD fit over the same users (features.btyd.BtydFit), if any
+    rhythm: dict | None = None     # the rhythm basis over the same users (features.rhythm_basis.RhythmBasis), if any
 
     def to_dict(self) -> dict:
         return {
@@ -114,6 +120,7 @@ class PopulationPriors:
             "profile_mean": self.profile_mean.tolist(),
             "profile_basis": self.profile_basis.tolist(),
             "btyd": self.btyd,
+            "rhythm": self.rhythm,
         }
 
     @classmethod
@@ -127,6 +134,7 @@ class PopulationPriors:
             ),
             population=data.get("population", ""),
             btyd=data.get("btyd"),
+            rhythm=data.get("rhythm"),
         )
 
 
@@ -371,7 +379,44 @@ POPULATION = "everyone known at the snapshot (signed up or seen in the log by th
 def population_priors_at(log: EventLog, as_of: datetime, cfg: Config) -> PopulationPriors:
     """The priors of :data:`POPULATION` at ``as_of``."""
     state = build_state(log, as_of, cfg)
-    return with_btyd(population_priors(counts_of(state), cfg, POPULATION), scalar_frame(state, cfg), cfg)
+    priors = with_btyd(population_priors(counts_of(state), cfg, POPULATION), scalar_frame(state, cfg), cfg)
+    return with_rhythm(priors, state, cfg)
+
+
+def rhythm_inputs(state: FeatureState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(engagement, sends, opened) by slot, over the whole history weighted by age where the
+    state keeps it (a rhythm is learned from every event a user has), else the window's.
+    Engagement is sessions and purchases, as the session families read it."""
+    key = DECAYED if "sends" + DECAYED in state.slots else ""
+    slots = state.slots
+    return slots["sessions" + key] + slots["purchases_at" + key], slots["sends" + key], slots["opened" + key]
+
+
+def rhythm_candidates(state: FeatureState, cfg: Config) -> tuple[np.ndarray, ...]:
+    """(user ids, engagement, sends, opened) of the users of ``state`` the rhythm basis would
+    be fitted on (features.rhythm_basis.fit_rows): a partition's candidates; the lowest id
+    hashes of all partitions' candidates are the whole population's fit users."""
+    activity, sends, opened = rhythm_inputs(state)
+    evidence = np.asarray(activity).sum(axis=1, dtype=np.float64) + np.asarray(opened).sum(axis=1, dtype=np.float64)
+    rows = fit_rows(evidence, cfg.features.rhythm_max_fit_users, state.user_ids)
+    return state.user_ids[rows], activity[rows], sends[rows], opened[rows]
+
+
+def fit_rhythm(activity: np.ndarray, sends: np.ndarray, opened: np.ndarray, user_ids: np.ndarray, cfg: Config,
+               population: str = POPULATION) -> dict | None:
+    """The rhythm basis of these users (rows in user id order), as stored in the priors."""
+    f = cfg.features
+    if not f.rhythm_components:
+        return None
+    return fit_rhythm_basis(activity, sends, opened, n_components=f.rhythm_components, n_starts=f.rhythm_starts,
+                            iterations=f.rhythm_fit_iterations, min_evidence=f.rhythm_min_evidence,
+                            max_fit_users=f.rhythm_max_fit_users, user_ids=user_ids,
+                            population=population).to_dict()
+
+
+def with_rhythm(priors: PopulationPriors, state: FeatureState, cfg: Config) -> PopulationPriors:
+    """The priors with the rhythm basis fitted on the same population (``state``: everyone's)."""
+    return replace(priors, rhythm=fit_rhythm(*rhythm_inputs(state), state.user_ids, cfg, priors.population))
 
 
 def btyd_inputs_of(scalars: pd.DataFrame) -> pd.DataFrame:
@@ -416,6 +461,7 @@ def build_matrix(
     if priors is None:
         everyone = scalar_frame(state, cfg)
         priors = with_btyd(population_priors(counts_of(state), cfg, POPULATION), everyone, cfg)
+        priors = with_rhythm(priors, state, cfg)
     if user_ids is not None:
         state = state.take(pd.Index(user_ids).unique())
         everyone = None
@@ -430,6 +476,12 @@ def build_matrix(
         pooled, _ = slot_features_in_blocks(decayed, priors, cfg, keep=set(wanted.values()))
         families.update({name: pooled[base] for name, base in wanted.items()})
         del decayed, pooled
+    if priors.rhythm:
+        f = cfg.features
+        families.update(rhythm_families(RhythmBasis.from_dict(priors.rhythm), *rhythm_inputs(state),
+                                        slot_prior_strength=f.slot_prior_strength,
+                                        user_prior_strength=f.user_prior_strength, iterations=f.rhythm_iterations,
+                                        keep=tuple(f.rhythm_families)))
     stage("per-slot pooling")
     scalars = everyone if everyone is not None else scalar_frame(state, cfg)
     fit = BtydFit.from_dict(priors.btyd) if priors.btyd else None

@@ -50,6 +50,8 @@ from features.matrix import (
     btyd_inputs_of,
     build_matrix,
     counts_of,
+    fit_rhythm,
+    rhythm_candidates,
 )
 from features.state import FeatureState, build_state, scalar_frame
 
@@ -123,6 +125,10 @@ class PriorSums:
     # the BG/NBD inputs of the users who ever engaged (features.matrix.btyd_inputs_of): the fit
     # runs once over the union, as on one machine
     btyd_inputs: pd.DataFrame | None = None
+    # the rows of the partition's users the rhythm basis may be fitted on (user ids, engagement,
+    # sends, opened: features.matrix.rhythm_candidates); the fit runs once over the union's
+    # lowest id hashes, the users one machine fits it on
+    rhythm_rows: tuple[np.ndarray, ...] | None = None
 
 
 def _engagement_profile(counts: SlotCounts) -> np.ndarray:
@@ -134,14 +140,17 @@ def _engagement_profile(counts: SlotCounts) -> np.ndarray:
     return np.log(share * n_slots)
 
 
-def prior_sums(counts: SlotCounts, btyd_inputs: pd.DataFrame | None = None) -> PriorSums:
-    """The sums of the users of ``counts`` (and their BG/NBD inputs, passed through)."""
+def prior_sums(counts: SlotCounts, btyd_inputs: pd.DataFrame | None = None,
+               rhythm_rows: tuple[np.ndarray, ...] | None = None) -> PriorSums:
+    """The sums of the users of ``counts`` (and their BG/NBD inputs and rhythm candidates,
+    passed through)."""
     profile = _engagement_profile(counts)
     n = len(counts.user_ids)
     total = profile.sum(axis=0)
     centred = profile - total / max(n, 1)
     return PriorSums(n_users=n, sends=counts.sends.sum(axis=0), opened=counts.opened.sum(axis=0),
-                     profile_sum=total, profile_gram=centred.T @ centred, btyd_inputs=btyd_inputs)
+                     profile_sum=total, profile_gram=centred.T @ centred, btyd_inputs=btyd_inputs,
+                     rhythm_rows=rhythm_rows)
 
 
 def combine_prior_sums(parts: list[PriorSums], cfg: Config, population: str = POPULATION) -> PopulationPriors:
@@ -169,6 +178,12 @@ def combine_prior_sums(parts: list[PriorSums], cfg: Config, population: str = PO
         basis = np.zeros((n_slots, 0))
     priors = PopulationPriors(slot_rate=slot_rate, overall_rate=overall, profile_mean=mean, profile_basis=basis,
                               population=population)
+    candidates = [p.rhythm_rows for p in parts if p.rhythm_rows is not None]
+    if candidates:
+        ids = np.concatenate([c[0] for c in candidates])
+        order = np.argsort(ids, kind="stable")   # user id order, as one machine's state rows
+        rows = [np.concatenate([c[k] for c in candidates])[order] for k in range(4)]
+        priors = replace(priors, rhythm=fit_rhythm(rows[1], rows[2], rows[3], rows[0], cfg, population))
     inputs = [p.btyd_inputs for p in parts if p.btyd_inputs is not None]
     if not inputs:
         return priors
@@ -191,7 +206,8 @@ def part_prior_sums(partition: tuple[int, int], source: LogSource, as_ofs: list[
     out = []
     for t in as_ofs:
         state = worker_cached(("state", source, partition, t), lambda t=t: build_state(lg, t, cfg))
-        out.append(prior_sums(counts_of(state), btyd_inputs_of(scalar_frame(state, cfg))))
+        rhythm = rhythm_candidates(state, cfg) if cfg.features.rhythm_components else None
+        out.append(prior_sums(counts_of(state), btyd_inputs_of(scalar_frame(state, cfg)), rhythm))
     return out
 
 

@@ -40,6 +40,8 @@ SLOT_SUMMARIES: dict[str, str] = {
     "best_slot_rate": "circ_rate",
     "peak_session_share": "session_share",
     "best_pooled_rate": "pooled_rate",
+    # the open model's strongest input where the rhythm families are on (features.rhythm_basis)
+    "best_rhythm_expected": "rhythm_expected",
 }
 
 

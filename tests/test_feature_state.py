@@ -31,8 +31,9 @@ def assert_same_matrix(moved, rebuilt) -> None:
             assert (a[column].astype(str).to_numpy() == b[column].astype(str).to_numpy()).all(), column
     assert moved.slots.keys() == rebuilt.slots.keys()
     for family in moved.slots:
-        if family.startswith("decayed_") and not family.endswith("_rank"):
-            # age weights: the old value decayed plus the new events', against one sum
+        if family.startswith(("decayed_", "rhythm_")) and not family.endswith("_rank"):
+            # age weights: the old value decayed plus the new events', against one sum (the
+            # rhythm families are read from them)
             np.testing.assert_allclose(moved.slots[family], rebuilt.slots[family], rtol=1e-6, err_msg=family)
         else:
             np.testing.assert_array_equal(moved.slots[family], rebuilt.slots[family], err_msg=family)
