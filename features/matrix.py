@@ -13,6 +13,7 @@ that user-partitioned chunks (the Dask path) only need the priors exchanged.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -439,6 +440,7 @@ def build_matrix(
     priors: PopulationPriors | None = None,
     user_ids: pd.Index | None = None,
     state: FeatureState | None = None,
+    slot_families: Collection[str] | None = None,
 ) -> tuple[UserMatrix, PopulationPriors]:
     """Everything known about each user at ``as_of`` (events with ts <= as_of only).
 
@@ -449,8 +451,14 @@ def build_matrix(
     for the users sent to in the following week, scoring for everyone). Pass ``priors``
     when building a chunk of users of a population whose priors are already known, and
     ``state`` when the feature state as of ``as_of`` is at hand (the incremental refresh
-    moves yesterday's forward instead of reading the whole log).
+    moves yesterday's forward instead of reading the whole log). ``slot_families``: the
+    per-slot families the caller reads (None: all of :data:`SLOT_FAMILIES`); the others are
+    not built, and priors computed here then lack the rhythm basis unless a rhythm family is
+    asked for (the churn rows read two summaries: the age-weighted pooling and the learned
+    rhythm would be most of a snapshot's cost, for nothing).
     """
+    asked = set(SLOT_FAMILIES if slot_families is None else slot_families)
+    rhythm_wanted = [name for name in cfg.features.rhythm_families if name in asked]
     stage = stage_timer(f"features as of {as_of}")
     if state is None:
         state = build_state(log, as_of, cfg)
@@ -461,27 +469,28 @@ def build_matrix(
     if priors is None:
         everyone = scalar_frame(state, cfg)
         priors = with_btyd(population_priors(counts_of(state), cfg, POPULATION), everyone, cfg)
-        priors = with_rhythm(priors, state, cfg)
+        if rhythm_wanted:
+            priors = with_rhythm(priors, state, cfg)
     if user_ids is not None:
         state = state.take(pd.Index(user_ids).unique())
         everyone = None
     counts = counts_of(state)
     universe = user_attributes(log, state.index)
     stage("population priors and attributes")
-    families, user_rate = slot_features_in_blocks(counts, priors, cfg)
-    if "sends" + DECAYED in state.slots:
+    families, user_rate = slot_features_in_blocks(counts, priors, cfg, keep=None if slot_families is None else asked)
+    wanted = {name: name[len("decayed_"):] for name in SLOT_FAMILIES if name.startswith("decayed_") and name in asked}
+    if "sends" + DECAYED in state.slots and wanted:
         decayed = SlotCounts(user_ids=state.user_ids,
                              **{k: state.slots[k + DECAYED] for k in SLOT_COUNTS})
-        wanted = {name: name[len("decayed_"):] for name in SLOT_FAMILIES if name.startswith("decayed_")}
         pooled, _ = slot_features_in_blocks(decayed, priors, cfg, keep=set(wanted.values()))
         families.update({name: pooled[base] for name, base in wanted.items()})
         del decayed, pooled
-    if priors.rhythm:
+    if priors.rhythm and rhythm_wanted:
         f = cfg.features
         families.update(rhythm_families(RhythmBasis.from_dict(priors.rhythm), *rhythm_inputs(state),
                                         slot_prior_strength=f.slot_prior_strength,
                                         user_prior_strength=f.user_prior_strength, iterations=f.rhythm_iterations,
-                                        keep=tuple(f.rhythm_families)))
+                                        keep=tuple(rhythm_wanted)))
     stage("per-slot pooling")
     scalars = everyone if everyone is not None else scalar_frame(state, cfg)
     fit = BtydFit.from_dict(priors.btyd) if priors.btyd else None

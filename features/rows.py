@@ -15,7 +15,7 @@ import pandas as pd
 
 from features.matrix import UserMatrix
 
-__all__ = ["FeatureSpec", "ModelRows", "open_rows", "churn_rows", "all_slot_rows", "encode_all_slot_rows"]
+__all__ = ["CHURN_SLOT_FAMILIES", "FeatureSpec", "ModelRows", "open_rows", "churn_rows", "all_slot_rows", "encode_all_slot_rows"]
 
 # identifiers and bookkeeping that are not model inputs
 _NOT_FEATURES = {"n_events", "has_history", "active_gap_sq_days"}
@@ -29,6 +29,8 @@ def _is_input(column: str) -> bool:
 
 # churn rows' summaries of the slot profile: column -> the per-slot family it is the max of
 _SLOT_SUMMARIES = {"best_slot_rate": "circ_rate", "peak_session_share": "session_share"}
+# the per-slot families the churn rows read (a churn snapshot need not build the others)
+CHURN_SLOT_FAMILIES: frozenset[str] = frozenset(_SLOT_SUMMARIES.values())
 
 
 def _slot_descriptors(slots: np.ndarray, n_slots: int) -> dict[str, np.ndarray]:

@@ -218,3 +218,18 @@ def test_whole_history_totals_are_read_as_rates_not_raw():
                           "opens_per_day_ever": [0.1], "lifetime_active_rate": [0.2], "days_since_open": [1.0]})
     names = FeatureSpec.fit(frame, (), 10).names
     assert names == ("opens_per_day_ever", "lifetime_active_rate", "days_since_open")
+
+
+def test_a_churn_snapshot_builds_only_what_its_rows_read(sim_dir, cfg):
+    """The churn rows read two per-slot summaries; built with only those families (no
+    age-weighted pooling, no rhythm basis), they equal the rows of the whole matrix."""
+    from features.events import open_log
+    from features.rows import CHURN_SLOT_FAMILIES, churn_rows
+
+    log = open_log(sim_dir / "events.parquet", sim_dir / "users.parquet")
+    as_of = datetime(2026, 3, 1)
+    whole, priors = build_matrix(log, as_of, cfg)
+    only, lean = build_matrix(log, as_of, cfg, slot_families=CHURN_SLOT_FAMILIES)
+    assert set(only.slots) == set(CHURN_SLOT_FAMILIES) < set(whole.slots)
+    assert priors.rhythm is not None and lean.rhythm is None
+    pd.testing.assert_frame_equal(churn_rows(only), churn_rows(whole))

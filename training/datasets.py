@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from configs import Config, SendtimeError, Task, resolve_as_of
 from features.events import EventLog
 from features.matrix import PopulationPriors, build_matrix
-from features.rows import churn_rows, open_rows
+from features.rows import CHURN_SLOT_FAMILIES, churn_rows, open_rows
 from features.state import FeatureState
 from training.labels import churn_labels, open_labels
 
@@ -149,7 +149,8 @@ def _open_split(log: EventLog, snapshot: datetime, until: datetime, known_at: da
 def _churn_split(log: EventLog, snapshot: datetime, cfg: Config, priors: PopulationPriors | None = None,
                  state: FeatureState | None = None) -> Split:
     labels = churn_labels(log, snapshot, cfg)
-    matrix, _ = build_matrix(log, snapshot, cfg, priors=priors, user_ids=pd.Index(labels["user_id"]), state=state)
+    matrix, _ = build_matrix(log, snapshot, cfg, priors=priors, user_ids=pd.Index(labels["user_id"]), state=state,
+                             slot_families=CHURN_SLOT_FAMILIES)
     pos = matrix.user_ids.get_indexer(labels["user_id"])
     rows = churn_rows(matrix.subset(pos))
     meta = labels[["user_id"]].copy()
