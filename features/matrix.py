@@ -286,9 +286,15 @@ def circular_smooth(values: np.ndarray, kernel: tuple[float, ...]) -> np.ndarray
     return out
 
 
+# a rank family is whole numbers below the number of slots (at most 168): one byte each
+# instead of four (0.4 GB less at 1M users x 24 slots for the six of them); model rows and
+# the feature snapshot convert them to floats, the same numbers
+RANK_DTYPE = np.uint8
+
+
 def _rank(values: np.ndarray) -> np.ndarray:
     """0 for the user's highest slot, 1 for the next, ..."""
-    return np.argsort(np.argsort(-values, axis=1), axis=1).astype(float)
+    return np.argsort(np.argsort(-values, axis=1), axis=1).astype(RANK_DTYPE)
 
 
 def slot_features(counts: SlotCounts, priors: PopulationPriors, cfg: Config) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -335,13 +341,13 @@ def slot_features(counts: SlotCounts, priors: PopulationPriors, cfg: Config) -> 
         "open_at_share": share(counts.opens_at),
         "profile": recon,
         "profile_rate": profile_rate,
-        "rate_rank": rate_rank.astype(float),
+        "rate_rank": rate_rank.astype(RANK_DTYPE),
         "session_circ": session_circ,
         "session_rank": _rank(session_circ),
         "pooled_rate": pooled_rate,
         "pooled_rank": _rank(pooled_rate),
     }
-    return {k: v.astype(np.float32) for k, v in families.items()}, user_rate[:, 0]
+    return {k: v if v.dtype == RANK_DTYPE else v.astype(np.float32) for k, v in families.items()}, user_rate[:, 0]
 
 
 def slot_features_in_blocks(counts: SlotCounts, priors: PopulationPriors, cfg: Config,

@@ -255,24 +255,96 @@ def _rank(values: np.ndarray) -> np.ndarray:
     return np.argsort(np.argsort(-values, axis=1), axis=1).astype(float)
 
 
+def _shifted(profiles: np.ndarray, shift: float) -> np.ndarray:
+    """``profiles`` (rows over circular slots) moved later by ``shift`` slots, a fraction of a
+    slot included (a phase turn of each harmonic; the ripple below zero clipped away)."""
+    if shift == 0:
+        return profiles
+    n_slots = profiles.shape[-1]
+    harmonics = np.fft.rfft(profiles, axis=-1)
+    turn = np.exp(-2j * np.pi * np.arange(harmonics.shape[-1]) * shift / n_slots)
+    return np.maximum(np.fft.irfft(harmonics * turn, n=n_slots, axis=-1), 1e-6)
+
+
+def _log_posterior(weights: np.ndarray, activity: np.ndarray, opened: np.ndarray | None, sends: np.ndarray | None,
+                   shapes: np.ndarray, open_rates: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """Each user's log posterior at their mix (the objective :func:`_weight_step` climbs)."""
+    out = (activity * np.log(weights @ shapes + _TINY)).sum(axis=1) + (prior * np.log(weights + _TINY)).sum(axis=1)
+    if opened is not None:
+        rate = weights @ open_rates
+        out += (opened * np.log(rate + _TINY)).sum(axis=1) - opened.sum(axis=1) * np.log((sends * rate).sum(axis=1) + _TINY)
+    return out
+
+
+def _rhythm_over_shifts(basis: RhythmBasis, activity: np.ndarray, sends: np.ndarray | None, opened: np.ndarray | None,
+                        iterations: int, shifts: tuple[float, ...], shift_iterations: int) -> tuple[np.ndarray, np.ndarray]:
+    """(engagement share, open rhythm (mean 1)) of each user, (n, n_slots) each: averaged over
+    the starts and, within a start, over the user's posterior of a personal shift of the whole
+    basis (``shifts``, in slots, a flat prior over them): people keep the same few rhythms a
+    little earlier or later, which a basis learned at whole slots blurs. The unshifted mix is
+    found first; each shifted one starts from it and takes ``shift_iterations`` steps."""
+    n, n_slots = activity.shape
+    share = np.zeros((n, n_slots))
+    rhythm = np.zeros((n, n_slots))
+    order = sorted(shifts, key=abs)
+    for m in range(basis.n_starts):
+        prior = basis.prior[m]
+        totals = _totals(activity, opened, prior)
+        logs, shares, rhythms = [], [], []
+        start = None
+        for shift in order:
+            shapes = _shifted(basis.shapes[m], shift)
+            shapes = shapes / shapes.sum(axis=1, keepdims=True)
+            open_rates = _shifted(basis.open_rates[m], shift)
+            exposure = sends @ open_rates.T if opened is not None else None
+            if start is None:
+                w = np.broadcast_to(prior / prior.sum(), (n, basis.n_components)).copy()
+                steps = iterations
+            else:
+                w, steps = start.copy(), shift_iterations
+            for _ in range(steps):
+                w = _weight_step(w, activity, opened, shapes, open_rates, prior, totals, exposure)
+            if start is None:
+                start = w
+            if len(order) > 1:
+                logs.append(_log_posterior(w, activity, opened, sends, shapes, open_rates, prior))
+            shares.append(w @ shapes)
+            one = w @ open_rates
+            rhythms.append(one / (one.mean(axis=1, keepdims=True) + _TINY))
+        if len(order) == 1:
+            share += shares[0]
+            rhythm += rhythms[0]
+            continue
+        logs = np.stack(logs)
+        weight = np.exp(logs - logs.max(axis=0))
+        weight /= weight.sum(axis=0)
+        share += np.einsum("dn,dns->ns", weight, np.stack(shares))
+        rhythm += np.einsum("dn,dns->ns", weight, np.stack(rhythms))
+    return share * (n_slots / basis.n_starts), rhythm / basis.n_starts
+
+
 def rhythm_families(basis: RhythmBasis, activity: np.ndarray, sends: np.ndarray | None = None,
                     opened: np.ndarray | None = None, slot_prior_strength: float = 4.0,
                     user_prior_strength: float = 8.0, iterations: int = 20, block: int = 100_000,
-                    keep: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+                    keep: tuple[str, ...] | None = None, shifts: tuple[float, ...] = (0.0,),
+                    shift_iterations: int = 6) -> dict[str, np.ndarray]:
     """The :data:`RHYTHM_FAMILIES` of each user (float32, (n_users, n_slots)), or those in
     ``keep``, a block of users at a time (float64 temporaries the size of a block, not of the
     population).
 
-    Engagement profile and open rhythm are averaged over the starts. ``rhythm_rate``: the
-    user's open level (opened over the sends' expected share under the rhythm, shrunk toward
-    the population's rate by ``user_prior_strength`` pseudo-sends) x the rhythm
-    (``rhythm_expected``), pooled with the user's own sends and opens in the slot
+    Engagement profile and open rhythm are averaged over the starts and over each user's
+    posterior of a personal shift of the basis by one of ``shifts`` slots ((0.0,): none).
+    ``rhythm_rate``: the user's open level (opened over the sends' expected share under the
+    rhythm, shrunk toward the population's rate by ``user_prior_strength`` pseudo-sends) x
+    the rhythm (``rhythm_expected``), pooled with the user's own sends and opens in the slot
     (``slot_prior_strength`` pseudo-sends), as the per-slot empirical-Bayes rates are.
     Without sends both are the rhythm alone."""
     n, n_slots = len(activity), basis.shapes.shape[2]
     unknown = sorted(set(keep or ()) - set(RHYTHM_FAMILIES))
     if unknown:
         raise ValueError(f"unknown rhythm families {unknown}; choose from {', '.join(RHYTHM_FAMILIES)}")
+    if 0.0 not in shifts:
+        raise ValueError(f"rhythm shifts {tuple(shifts)} must include 0.0 (the unshifted basis)")
     out = {name: np.empty((n, n_slots), dtype=np.float32) for name in RHYTHM_FAMILIES
            if keep is None or name in keep}
     use_sends = sends is not None and opened is not None and basis.overall_rate > 0
@@ -281,13 +353,7 @@ def rhythm_families(basis: RhythmBasis, activity: np.ndarray, sends: np.ndarray 
         a = np.asarray(activity[part], dtype=np.float64)
         s = np.asarray(sends[part], dtype=np.float64) if use_sends else None
         o = np.asarray(opened[part], dtype=np.float64) if use_sends else None
-        weights = rhythm_weights(basis, a, s, o, iterations)
-        share = np.einsum("mnk,mks->ns", weights, basis.shapes) * (n_slots / basis.n_starts)
-        rhythm = np.zeros((len(a), n_slots))
-        for m in range(basis.n_starts):
-            one = weights[m] @ basis.open_rates[m]
-            rhythm += one / (one.mean(axis=1, keepdims=True) + _TINY)
-        rhythm /= basis.n_starts
+        share, rhythm = _rhythm_over_shifts(basis, a, s, o, iterations, tuple(shifts), shift_iterations)
         if use_sends:
             exposure = (s * rhythm).sum(axis=1, keepdims=True)
             level = (o.sum(axis=1, keepdims=True) + user_prior_strength * basis.overall_rate) / (

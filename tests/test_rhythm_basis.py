@@ -103,14 +103,15 @@ def test_a_user_without_evidence_gets_the_prior_mix(planted):
     assert np.allclose(heavy.sum(axis=2), 1.0) and (heavy >= 0).all()
 
 
-def test_deterministic_and_independent_of_the_other_users(planted):
+@pytest.mark.parametrize("shifts", [(0.0,), (-0.5, 0.0, 0.5)])
+def test_deterministic_and_independent_of_the_other_users(planted, shifts):
     data, basis = planted
     again = fit_rhythm_basis(data["activity"], data["sends"], data["opened"], n_components=3)
     assert np.array_equal(basis.shapes, again.shapes) and np.array_equal(basis.prior, again.prior)
-    everyone = rhythm_families(basis, data["activity"], data["sends"], data["opened"])
+    everyone = rhythm_families(basis, data["activity"], data["sends"], data["opened"], shifts=shifts)
     some = np.array([5, 17, 400, 1499])
-    alone = rhythm_families(basis, data["activity"][some], data["sends"][some], data["opened"][some])
-    blocks = rhythm_families(basis, data["activity"], data["sends"], data["opened"], block=700)
+    alone = rhythm_families(basis, data["activity"][some], data["sends"][some], data["opened"][some], shifts=shifts)
+    blocks = rhythm_families(basis, data["activity"], data["sends"], data["opened"], block=700, shifts=shifts)
     for name in RHYTHM_FAMILIES:   # bit for bit: a partitioned build must give the one-machine numbers
         assert np.array_equal(alone[name], everyone[name][some]), name
         assert np.array_equal(blocks[name], everyone[name]), name
@@ -194,3 +195,27 @@ def test_only_the_asked_families(planted):
     assert np.array_equal(some["rhythm_expected"], every["rhythm_expected"])
     with pytest.raises(ValueError, match="rhythm_nope"):
         rhythm_families(basis, data["activity"], keep=("rhythm_nope",))
+
+
+def test_a_personal_shift_moves_the_rhythm(planted):
+    """Users who keep the first planted rhythm half a slot later (earlier): with shifts the
+    rhythm follows them; a user on the planted rhythm itself stays put."""
+    _, basis = planted
+    peak = PEAKS[0]
+    activity = 400.0 * np.vstack([bump(peak + 0.5), bump(peak - 0.5), bump(peak)])
+    plain = rhythm_families(basis, activity)["rhythm_open"]
+    moved = rhythm_families(basis, activity, shifts=(-0.5, 0.0, 0.5))["rhythm_open"]
+    after, before = int(peak) + 1, int(peak) - 1
+
+    def lean(r: np.ndarray) -> np.ndarray:
+        return r[:, after] / r[:, before]
+
+    assert lean(moved)[0] > lean(plain)[0] and lean(moved)[1] < lean(plain)[1]
+    assert np.allclose(moved[2], plain[2], rtol=0.05)
+    assert np.allclose(moved.mean(axis=1), 1.0, atol=1e-4)
+
+
+def test_the_shifts_must_include_the_unshifted_basis(planted):
+    data, basis = planted
+    with pytest.raises(ValueError, match="0.0"):
+        rhythm_families(basis, data["activity"], shifts=(-0.5, 0.5))
