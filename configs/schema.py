@@ -104,10 +104,20 @@ class FeatureConfig(_Frozen):
     rhythm_fit_iterations: int = Field(default=60, gt=0)
     rhythm_iterations: int = Field(default=20, gt=0)
     rhythm_min_evidence: float = Field(default=30.0, ge=0)
+    rhythm_shifts: tuple[float, ...] = (0.0,)
+    rhythm_shift_iterations: int = Field(default=3, gt=0)
     rhythm_families: tuple[str, ...] = ("rhythm_open", "rhythm_expected", "rhythm_rate")
     materialize_max_rows: int = Field(ge=0)
     duckdb_memory_limit: str = ""
     max_attribute_levels: int = Field(gt=1)
+
+    @field_validator("rhythm_shifts")
+    @classmethod
+    def _shifts_include_none(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        # each shifted mix starts from the unshifted one: it must be among them
+        if 0.0 not in value:
+            raise ValueError(f"features.rhythm_shifts must include 0.0 (the unshifted basis); got {list(value)}")
+        return value
 
 
 class DatasetConfig(_Frozen):

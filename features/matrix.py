@@ -496,7 +496,8 @@ def build_matrix(
         families.update(rhythm_families(RhythmBasis.from_dict(priors.rhythm), *rhythm_inputs(state),
                                         slot_prior_strength=f.slot_prior_strength,
                                         user_prior_strength=f.user_prior_strength, iterations=f.rhythm_iterations,
-                                        keep=tuple(rhythm_wanted)))
+                                        keep=tuple(rhythm_wanted), shifts=tuple(f.rhythm_shifts),
+                                        shift_iterations=f.rhythm_shift_iterations))
     stage("per-slot pooling")
     scalars = everyone if everyone is not None else scalar_frame(state, cfg)
     fit = BtydFit.from_dict(priors.btyd) if priors.btyd else None

@@ -290,8 +290,8 @@ def _rhythm_over_shifts(basis: RhythmBasis, activity: np.ndarray, sends: np.ndar
     for m in range(basis.n_starts):
         prior = basis.prior[m]
         totals = _totals(activity, opened, prior)
-        logs, shares, rhythms = [], [], []
-        start = None
+        # the shifts' posterior weights as a running log-sum, so only one shift's arrays are held
+        start = top = mass = share_m = rhythm_m = None
         for shift in order:
             shapes = _shifted(basis.shapes[m], shift)
             shapes = shapes / shapes.sum(axis=1, keepdims=True)
@@ -304,22 +304,25 @@ def _rhythm_over_shifts(basis: RhythmBasis, activity: np.ndarray, sends: np.ndar
                 w, steps = start.copy(), shift_iterations
             for _ in range(steps):
                 w = _weight_step(w, activity, opened, shapes, open_rates, prior, totals, exposure)
-            if start is None:
-                start = w
-            if len(order) > 1:
-                logs.append(_log_posterior(w, activity, opened, sends, shapes, open_rates, prior))
-            shares.append(w @ shapes)
             one = w @ open_rates
-            rhythms.append(one / (one.mean(axis=1, keepdims=True) + _TINY))
-        if len(order) == 1:
-            share += shares[0]
-            rhythm += rhythms[0]
-            continue
-        logs = np.stack(logs)
-        weight = np.exp(logs - logs.max(axis=0))
-        weight /= weight.sum(axis=0)
-        share += np.einsum("dn,dns->ns", weight, np.stack(shares))
-        rhythm += np.einsum("dn,dns->ns", weight, np.stack(rhythms))
+            one /= one.mean(axis=1, keepdims=True) + _TINY
+            if start is None:
+                start, share_m, rhythm_m = w, w @ shapes, one
+                if len(order) > 1:
+                    top, mass = _log_posterior(w, activity, opened, sends, shapes, open_rates, prior), np.ones(n)
+                continue
+            log_post = _log_posterior(w, activity, opened, sends, shapes, open_rates, prior)
+            new_top = np.maximum(top, log_post)
+            old, this = np.exp(top - new_top)[:, None], np.exp(log_post - new_top)[:, None]
+            mass = mass * old[:, 0] + this[:, 0]
+            share_m = share_m * old + this * (w @ shapes)
+            rhythm_m = rhythm_m * old + this * one
+            top = new_top
+        if mass is not None:
+            share_m /= mass[:, None]
+            rhythm_m /= mass[:, None]
+        share += share_m
+        rhythm += rhythm_m
     return share * (n_slots / basis.n_starts), rhythm / basis.n_starts
 
 
