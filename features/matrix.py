@@ -24,7 +24,7 @@ import pyarrow as pa
 from configs import Config
 from features.btyd import INPUT_COLUMNS, BtydFit, btyd_columns, fit_btyd
 from features.events import EventLog, sql_ts
-from features.rhythm_basis import RHYTHM_FAMILIES, RhythmBasis, fit_rhythm_basis, fit_rows, rhythm_families
+from features.rhythm_basis import RHYTHM_FAMILIES, RhythmBasis, fit_evidence, fit_rhythm_basis, fit_rows, rhythm_families
 from features.state import DECAYED, SLOT_COUNTS, FeatureState, build_state, scalar_frame, stage_timer
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "btyd_inputs_of",
     "with_btyd",
     "with_rhythm",
+    "priors_of",
     "fit_rhythm",
     "rhythm_candidates",
     "rhythm_inputs",
@@ -385,9 +386,17 @@ POPULATION = "everyone known at the snapshot (signed up or seen in the log by th
 
 def population_priors_at(log: EventLog, as_of: datetime, cfg: Config) -> PopulationPriors:
     """The priors of :data:`POPULATION` at ``as_of``."""
-    state = build_state(log, as_of, cfg)
-    priors = with_btyd(population_priors(counts_of(state), cfg, POPULATION), scalar_frame(state, cfg), cfg)
-    return with_rhythm(priors, state, cfg)
+    return priors_of(build_state(log, as_of, cfg), cfg)
+
+
+def priors_of(state: FeatureState, cfg: Config, everyone: pd.DataFrame | None = None,
+              rhythm: bool = True) -> PopulationPriors:
+    """The priors of everyone in ``state`` (:data:`POPULATION`): slot rates and profile
+    directions, the BG/NBD fit, and the rhythm basis unless ``rhythm`` is False (a caller that
+    reads no rhythm family). ``everyone``: the state's scalar frame, when already built."""
+    scalars = scalar_frame(state, cfg) if everyone is None else everyone
+    priors = with_btyd(population_priors(counts_of(state), cfg, POPULATION), scalars, cfg)
+    return with_rhythm(priors, state, cfg) if rhythm else priors
 
 
 def rhythm_inputs(state: FeatureState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -404,8 +413,7 @@ def rhythm_candidates(state: FeatureState, cfg: Config) -> tuple[np.ndarray, ...
     be fitted on (features.rhythm_basis.fit_rows): a partition's candidates; the lowest id
     hashes of all partitions' candidates are the whole population's fit users."""
     activity, sends, opened = rhythm_inputs(state)
-    evidence = np.asarray(activity).sum(axis=1, dtype=np.float64) + np.asarray(opened).sum(axis=1, dtype=np.float64)
-    rows = fit_rows(evidence, cfg.features.rhythm_max_fit_users, state.user_ids)
+    rows = fit_rows(fit_evidence(activity, opened), cfg.features.rhythm_max_fit_users, state.user_ids)
     return state.user_ids[rows], activity[rows], sends[rows], opened[rows]
 
 
@@ -474,16 +482,14 @@ def build_matrix(
     everyone = None
     if priors is None:
         everyone = scalar_frame(state, cfg)
-        priors = with_btyd(population_priors(counts_of(state), cfg, POPULATION), everyone, cfg)
-        if rhythm_wanted:
-            priors = with_rhythm(priors, state, cfg)
+        priors = priors_of(state, cfg, everyone, rhythm=bool(rhythm_wanted))
     if user_ids is not None:
         state = state.take(pd.Index(user_ids).unique())
         everyone = None
     counts = counts_of(state)
     universe = user_attributes(log, state.index)
     stage("population priors and attributes")
-    families, user_rate = slot_features_in_blocks(counts, priors, cfg, keep=None if slot_families is None else asked)
+    families, user_rate = slot_features_in_blocks(counts, priors, cfg, keep=asked)
     wanted = {name: name[len("decayed_"):] for name in SLOT_FAMILIES if name.startswith("decayed_") and name in asked}
     if "sends" + DECAYED in state.slots and wanted:
         decayed = SlotCounts(user_ids=state.user_ids,

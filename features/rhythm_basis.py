@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-__all__ = ["RHYTHM_FAMILIES", "RhythmBasis", "fit_rhythm_basis", "fit_rows", "rhythm_families", "rhythm_weights"]
+__all__ = ["RHYTHM_FAMILIES", "RhythmBasis", "fit_evidence", "fit_rhythm_basis", "fit_rows", "rhythm_families", "rhythm_weights"]
 
 # per-slot families this module adds, each an (n_users, n_slots) array
 RHYTHM_FAMILIES: tuple[str, ...] = (
@@ -172,6 +172,15 @@ def _fit_one(a: np.ndarray, s: np.ndarray | None, o: np.ndarray | None, evidence
     return shapes[order], open_rates[order], prior[order]
 
 
+def fit_evidence(activity: np.ndarray, opened: np.ndarray | None = None) -> np.ndarray:
+    """Each user's events the basis learns from (engagement, plus opens where sends are
+    given): who may fit it (:func:`fit_rows`) and whose mix informs its prior."""
+    evidence = np.asarray(activity).sum(axis=1, dtype=np.float64)
+    if opened is not None:
+        evidence = evidence + np.asarray(opened).sum(axis=1, dtype=np.float64)
+    return evidence
+
+
 def fit_rows(evidence: np.ndarray, max_fit_users: int, user_ids: np.ndarray | None = None) -> np.ndarray:
     """Positions of the users the basis is fitted on, in their given order: those with any
     evidence, at most ``max_fit_users`` of them. With ``user_ids``, the ones whose ids hash
@@ -203,9 +212,7 @@ def fit_rhythm_basis(activity: np.ndarray, sends: np.ndarray | None = None, open
     """
     given = sends is not None and opened is not None
     # float64 copies of the fit's users only (at 1M users a whole copy is 200 MB an array)
-    evidence = np.asarray(activity).sum(axis=1, dtype=np.float64)
-    if given:
-        evidence = evidence + np.asarray(opened).sum(axis=1, dtype=np.float64)
+    evidence = fit_evidence(activity, opened if given else None)
     # everything below reads the fit's users only: the same users give the same basis,
     # however the rest of the population was gathered
     rows = fit_rows(evidence, max_fit_users, user_ids)
