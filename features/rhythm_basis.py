@@ -247,14 +247,24 @@ def rhythm_weights(basis: RhythmBasis, activity: np.ndarray, sends: np.ndarray |
     out = np.empty((basis.n_starts, len(activity), basis.n_components))
     for m in range(basis.n_starts):
         prior = basis.prior[m]
-        totals = _totals(activity, o, prior)
-        # the sends' exposure to each component stays put while the mix moves
-        exposure = s @ basis.open_rates[m].T if use_sends else None
-        w = np.broadcast_to(prior / prior.sum(), (len(activity), basis.n_components)).copy()
-        for _ in range(iterations):
-            w = _weight_step(w, activity, o, basis.shapes[m], basis.open_rates[m], prior, totals, exposure)
-        out[m] = w
+        out[m] = _climb(_prior_mix(prior, len(activity)), iterations, activity, s, o, basis.shapes[m],
+                        basis.open_rates[m], prior, _totals(activity, o, prior))
     return out
+
+
+def _prior_mix(prior: np.ndarray, n: int) -> np.ndarray:
+    """Every user's mix at the prior's mean: where the climb starts."""
+    return np.broadcast_to(prior / prior.sum(), (n, len(prior))).copy()
+
+
+def _climb(w: np.ndarray, steps: int, activity: np.ndarray, sends: np.ndarray | None, opened: np.ndarray | None,
+           shapes: np.ndarray, open_rates: np.ndarray, prior: np.ndarray, totals: np.ndarray) -> np.ndarray:
+    """``steps`` of :func:`_weight_step` from the mixes ``w`` (opened None: engagement only)."""
+    # the sends' exposure to each component stays put while the mix moves
+    exposure = sends @ open_rates.T if opened is not None else None
+    for _ in range(steps):
+        w = _weight_step(w, activity, opened, shapes, open_rates, prior, totals, exposure)
+    return w
 
 
 def _rank(values: np.ndarray) -> np.ndarray:
@@ -303,14 +313,10 @@ def _rhythm_over_shifts(basis: RhythmBasis, activity: np.ndarray, sends: np.ndar
             shapes = _shifted(basis.shapes[m], shift)
             shapes = shapes / shapes.sum(axis=1, keepdims=True)
             open_rates = _shifted(basis.open_rates[m], shift)
-            exposure = sends @ open_rates.T if opened is not None else None
             if start is None:
-                w = np.broadcast_to(prior / prior.sum(), (n, basis.n_components)).copy()
-                steps = iterations
+                w = _climb(_prior_mix(prior, n), iterations, activity, sends, opened, shapes, open_rates, prior, totals)
             else:
-                w, steps = start.copy(), shift_iterations
-            for _ in range(steps):
-                w = _weight_step(w, activity, opened, shapes, open_rates, prior, totals, exposure)
+                w = _climb(start.copy(), shift_iterations, activity, sends, opened, shapes, open_rates, prior, totals)
             one = w @ open_rates
             one /= one.mean(axis=1, keepdims=True) + _TINY
             if start is None:
