@@ -423,10 +423,12 @@ def fit_rhythm(activity: np.ndarray, sends: np.ndarray, opened: np.ndarray, user
     f = cfg.features
     if not f.rhythm_components:
         return None
+    # rhythm_harmonics counts harmonics of a day; an hour-of-week cycle has 7 days of them
+    harmonics = f.rhythm_harmonics * np.asarray(activity).shape[1] // 24
     return fit_rhythm_basis(activity, sends, opened, n_components=f.rhythm_components, n_starts=f.rhythm_starts,
                             iterations=f.rhythm_fit_iterations, min_evidence=f.rhythm_min_evidence,
                             max_fit_users=f.rhythm_max_fit_users, user_ids=user_ids,
-                            population=population).to_dict()
+                            population=population, harmonics=harmonics).to_dict()
 
 
 def with_rhythm(priors: PopulationPriors, state: FeatureState, cfg: Config) -> PopulationPriors:

@@ -136,9 +136,19 @@ def _dirichlet_prior(weights: np.ndarray, evidence: np.ndarray, min_evidence: fl
     return mean * float(np.clip(strength, 0.05, 10.0 * len(mean)))
 
 
+def _smooth(profiles: np.ndarray, harmonics: int) -> np.ndarray:
+    """``profiles`` (rows over circular slots) kept to their first ``harmonics`` Fourier
+    harmonics (0: as they are); the ripple below zero clipped away."""
+    if harmonics <= 0 or harmonics + 1 >= profiles.shape[-1] // 2:
+        return profiles
+    spectrum = np.fft.rfft(profiles, axis=-1)
+    spectrum[..., harmonics + 1:] = 0
+    return np.maximum(np.fft.irfft(spectrum, n=profiles.shape[-1], axis=-1), 1e-6)
+
+
 def _fit_one(a: np.ndarray, s: np.ndarray | None, o: np.ndarray | None, evidence: np.ndarray, n_components: int,
              offset: float, iterations: int, min_evidence: float, rate_pseudo_sends: float,
-             overall: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             overall: float, harmonics: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One start's (shapes, open rates, prior), components ordered by their peak slot."""
     n_slots = a.shape[1]
     shapes = _initial_shapes(n_components, n_slots, offset)
@@ -158,7 +168,9 @@ def _fit_one(a: np.ndarray, s: np.ndarray | None, o: np.ndarray | None, evidence
             numer = open_rates * (weights.T @ (o / rate))
             denom = (weights * level).T @ s
             centre = open_rates.mean(axis=1, keepdims=True)
-            open_rates = (numer + rate_pseudo_sends * centre) / (denom + rate_pseudo_sends)
+            # sends go out at the few hours senders choose, so most slots' rates rest on a
+            # handful of sends; a rhythm is smooth in time, so the rates keep its low harmonics
+            open_rates = _smooth((numer + rate_pseudo_sends * centre) / (denom + rate_pseudo_sends), harmonics)
         shapes = new_shapes / new_shapes.sum(axis=1, keepdims=True)
         weights = _weight_step(weights, a, o, shapes, open_rates, flat, totals,
                                s @ open_rates.T if o is not None else None)
@@ -198,7 +210,8 @@ def fit_rows(evidence: np.ndarray, max_fit_users: int, user_ids: np.ndarray | No
 def fit_rhythm_basis(activity: np.ndarray, sends: np.ndarray | None = None, opened: np.ndarray | None = None,
                      n_components: int = 6, n_starts: int = 4, iterations: int = 60, min_evidence: float = 30.0,
                      max_fit_users: int = 50_000, rate_pseudo_sends: float = 1.0,
-                     user_ids: np.ndarray | None = None, population: str = "") -> RhythmBasis:
+                     user_ids: np.ndarray | None = None, population: str = "",
+                     harmonics: int = 0) -> RhythmBasis:
     """The basis of a population from its per-slot evidence (rows: users, columns: slots).
 
     ``activity``: engagement by slot (sessions, purchases; age-weighted counts are fine);
@@ -208,7 +221,9 @@ def fit_rhythm_basis(activity: np.ndarray, sends: np.ndarray | None = None, open
     averaged; ``min_evidence``: events a user needs for their mix to inform the prior's
     strength; ``rate_pseudo_sends``: pulls each component's open rate in a slot toward its
     mean where few sends went (a slot nobody was sent at gets the component's mean rate);
-    ``user_ids``: the rows' ids, to pick the fit's users by id (:func:`fit_rows`).
+    ``user_ids``: the rows' ids, to pick the fit's users by id (:func:`fit_rows`);
+    ``harmonics``: each component's open rates keep this many Fourier harmonics of the slot
+    cycle (0: every slot free).
     """
     given = sends is not None and opened is not None
     # float64 copies of the fit's users only (at 1M users a whole copy is 200 MB an array)
@@ -231,7 +246,7 @@ def fit_rhythm_basis(activity: np.ndarray, sends: np.ndarray | None = None, open
         return RhythmBasis(shapes=flat, open_rates=flat * n_slots, prior=np.ones((n_starts, n_components)),
                            overall_rate=overall, population=population)
     fits = [_fit_one(a, s, o, evidence[rows], n_components, start / n_starts, iterations, min_evidence,
-                     rate_pseudo_sends, overall) for start in range(n_starts)]
+                     rate_pseudo_sends, overall, harmonics) for start in range(n_starts)]
     return RhythmBasis(shapes=np.stack([f[0] for f in fits]), open_rates=np.stack([f[1] for f in fits]),
                        prior=np.stack([f[2] for f in fits]), overall_rate=overall, population=population)
 
