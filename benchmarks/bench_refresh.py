@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_refresh.py --users 1000000 --days 100
     .venv/bin/python benchmarks/bench_refresh.py --data /path/to/sim     # a `sendtime simulate` folder
+    .venv/bin/python benchmarks/bench_refresh.py --work DIR --floors-only  # the two floors on a timed work folder
 
 What it does, each step a child process (its own wall time and peak RSS):
 
@@ -24,6 +25,21 @@ same aggregate and the opens matched to their sends by message id (the least of 
 contract's open attribution: no opens without ids, no windows, no recency) in one
 statement. The features cannot cost less than what they must at least compute.
 
+A child process measures the floor of the incremental refresh: every user's features change
+every day (recency, age-weighted counts, window edges), so one more day must at least predict
+the open champion on the 24 slot rows of every reachable user and the churn champion on every
+user with history, and write the tag table of every user. Everything else is given for free:
+a warm process, the champions loaded and compiled, the matrix of one more day in memory (read
+from the incremental refresh's feature snapshot, untimed), each batch of model rows built
+before its prediction is timed, no logging. The pieces use the repo's own code (``ModelRows``,
+``LoadedModel.predict_array`` on compiled trees or the booster with 2 threads,
+``serving.refresh.tags_table``); their predictions are checked against the refresh's own
+``ScoringCore.model_scores``, which is also timed, warm, beside them, as are what the floor
+leaves out: encoding the rows (FeatureSpec), the churn reasons (TreeSHAP; the contract's tag
+table does not name them), tiers and cold-start priors, the DuckDB tag store. Wall time on a
+shared machine overstates the floor; its CPU time over the 2 cores is what it costs at least.
+``--floors-only`` runs the aggregate and the two floors on a work folder a timed run left.
+
 Targets (issue #11): full refresh <= 90 s and <= 8x the aggregate; incremental <= 20 s;
 peak < 6 GB; features <= 1.3x the aggregate.
 """
@@ -39,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +113,152 @@ def run(args: list[str], env: dict, label: str) -> dict:
             "steps": steps}
 
 
+def _snapshot_matrix(folder: Path):
+    """The user matrix of a snapshot folder, as ``features.snapshot.read_snapshot`` gives it,
+    read a family at a time (no wide frame beside the matrix: ~4 GB less at 1M users)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from features.matrix import UserMatrix
+
+    path = folder / "features.parquet"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    names, n_slots = pq.ParquetFile(path).schema_arrow.names, int(manifest["n_slots"])
+    scalars = pq.read_table(path, columns=[c for c in names if "__" not in c]).to_pandas().set_index("user_id")
+    slots = {}
+    for family in dict.fromkeys(c.split("__")[0] for c in names if "__" in c):
+        table = pq.read_table(path, columns=[f"{family}__{s:03d}" for s in range(n_slots)])
+        slots[family] = np.empty((table.num_rows, n_slots), np.float32)
+        for s in range(n_slots):
+            slots[family][:, s] = table.column(s).to_numpy()
+    return UserMatrix(as_of=datetime.fromisoformat(manifest["as_of"]), n_slots=n_slots, scalars=scalars, slots=slots,
+                      attributes=tuple(manifest["attributes"]))
+
+
+def _forest_size(model) -> dict:
+    """Trees, leaves and inputs of a champion (the floor's cost follows them)."""
+    if model.library.name == "lightgbm":
+        trees = model.booster.dump_model()["tree_info"]
+        leaves = sum(t["num_leaves"] for t in trees)
+    else:
+        dump = model.booster.get_dump()
+        trees, leaves = dump, sum(tree.count("leaf=") for tree in dump)
+    return {"library": model.library.name, "version": model.version, "trees": len(trees), "leaves": leaves,
+            "inputs": len(model.spec.names)}
+
+
+def score_floor(work: Path) -> dict:
+    """The one-more-day floor (run in a child: ``--score-floor-child WORK``): (wall, CPU) seconds
+    of each piece, the champions' sizes and the users counted."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from boosters.compiled import reads_as_zero
+    from configs import load_config
+    from features.families import feature_catalog
+    from features.rows import ModelRows
+    from serving.core import PriorTable, ScoringCore, cold_start_priors, compiled_cache_dir
+    from serving.models import load_champions
+    from serving.refresh import tags_table
+    from serving.tagstore import RefreshPaths, write_store
+
+    cfg = load_config(work / "sendtime.toml")
+    threads = cfg.models.threads
+    champions = load_champions(cfg)
+    matrix = _snapshot_matrix(Path(cfg.serving.serving_dir) / "current")
+    core = ScoringCore(champions, matrix, cfg)
+    history = np.flatnonzero(core.has_history)
+    reachable = np.flatnonzero(core.has_history & ~core.unreachable)
+    times: dict[str, list[float]] = {}
+
+    def clock(name: str, step, *args, **kwargs):
+        start, cpu = time.perf_counter(), time.process_time()
+        out = step(*args, **kwargs)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        times[name] = [a + b for a, b in zip(times.get(name, [0.0, 0.0]), (wall, cpu))]
+        return out
+
+    def predict(model, positions: np.ndarray, per_slot: bool, name: str) -> np.ndarray:
+        """The model's probabilities, the rows of each batch built before its clock starts."""
+        rows = clock(f"encode rows ({model.task})", ModelRows, model.spec, matrix, positions, per_slot)
+        compiled = model.compile(compiled_cache_dir(cfg), rows.build(0, min(len(rows), 100)))
+        clean = not any(reads_as_zero(source) for source in rows.sources())
+        batch = 25_000 if per_slot else len(rows)   # 600,000 open rows: ~0.5 GB of float64
+        dtype = np.float64 if compiled else np.float32
+        model.predict_array(rows.build(0, 200, dtype), threads, True, clean)  # warm
+        out = []
+        for start in range(0, len(rows), batch):
+            x = rows.build(start, min(start + batch, len(rows)), dtype)
+            out.append(clock(name, model.predict_array, x, threads, True, clean))
+            del x
+        return np.concatenate(out).reshape(len(rows), rows.n_slots) if per_slot else np.concatenate(out)
+
+    slot = churn = None
+    if champions.open:
+        slot = np.full((len(matrix), matrix.n_slots), np.nan)
+        slot[history] = 0.0   # users no message reaches: 0 in every slot, a rule
+        slot[reachable] = predict(champions.open, reachable, True, "predict open")
+    if champions.churn:
+        churn = np.full(len(matrix), np.nan)
+        churn[history] = predict(champions.churn, history, False, "predict churn")
+    everyone = np.arange(len(matrix))
+    priors = clock("tiers, best slot, cold-start priors", cold_start_priors, matrix.scalars, matrix.attributes,
+                   slot, churn)
+    scores = clock("tiers, best slot, cold-start priors", core.score, everyone, PriorTable(priors), model=(slot, churn))
+    scratch = RefreshPaths(work / "floor")
+    shutil.rmtree(scratch.root, ignore_errors=True)
+    scratch.root.mkdir()
+    try:
+        table = clock("tag table -> Parquet", tags_table, matrix.user_ids, scores, champions.versions(),
+                      datetime.now(timezone.utc))
+        clock("tag table -> Parquet", pq.write_table, table, scratch.tags)
+        explained = np.zeros(0, dtype=np.int64)
+        if champions.churn and cfg.serving.churn_reasons:
+            explained = core.explain_positions(scores.churn_tier, scores.cold_start)
+            clock("churn reasons (TreeSHAP)", core.explain_churn, explained, cfg.serving.churn_reasons,
+                  feature_catalog(cfg))
+        clock("tag store (DuckDB)", write_store, scratch, priors, {})
+    finally:
+        shutil.rmtree(scratch.root, ignore_errors=True)
+    # the refresh's own step, warm, on the same matrix: it must give the floor's numbers
+    repo = clock("the refresh's model scores step, warm", core.model_scores, everyone)
+    same = all(a is None or np.array_equal(a, b, equal_nan=True) for a, b in zip((slot, churn), repo))
+    return {"times": times, "same_predictions": same, "users": len(matrix), "history": len(history),
+            "reachable": len(reachable), "explained": len(explained), "threads": threads,
+            "champions": {task: _forest_size(m) for task, m in (("open", champions.open), ("churn", champions.churn))
+                          if m is not None}}
+
+
+FLOOR_PARTS = ("predict open", "predict churn", "tag table -> Parquet")
+
+
+def print_score_floor(result: dict) -> float:
+    """The floor's lines; returns its wall seconds."""
+    times, sizes = result["times"], result["champions"]
+    print("\none more day's floor: predict + write tags (warm process, the matrix in memory, each batch of rows built "
+          f"before its clock; {result['threads']} threads)")
+    print("  champions: " + "; ".join(f"{task} {s['library']} v{s['version']}: {s['trees']} trees, {s['leaves']} leaves, "
+                                     f"{s['inputs']} inputs" for task, s in sizes.items()))
+    print(f"  users {result['users']:,}: {result['history']:,} with history, {result['reachable']:,} reachable "
+          f"({result['reachable'] * 24:,} open rows); predictions equal the refresh's: {result['same_predictions']}")
+    print(f"  {'piece':<44} {'wall s':>8} {'CPU s':>8} {'CPU/wall':>9}")
+    wall = cpu = 0.0
+    for name in FLOOR_PARTS:
+        if name in times:
+            wall, cpu = wall + times[name][0], cpu + times[name][1]
+            print(f"  {name:<44} {times[name][0]:>8.1f} {times[name][1]:>8.1f} {times[name][1] / times[name][0]:>9.2f}")
+    print(f"  {'= floor':<44} {wall:>8.1f} {cpu:>8.1f} {cpu / wall:>9.2f}   (at least {cpu / 2:.1f} s on 2 idle cores)")
+    print("  beside it, not in the floor:")
+    for name, (w, c) in times.items():
+        if name not in FLOOR_PARTS:
+            extra = f" ({result['explained']:,} users at the reasons' tier)" if name.startswith("churn reasons") else ""
+            print(f"  {name:<44} {w:>8.1f} {c:>8.1f} {c / w:>9.2f}{extra}")
+    print("  (a CPU/wall near 1 for 2 threads: another process held a core)")
+    print(f"one more day's floor: predict + write tags {wall:.1f} s ({cpu:.1f} s of CPU); the target (20 s) leaves "
+          f"{20 - wall:.1f} s for the rest of the refresh ({20 - cpu / 2:.1f} s on 2 idle cores)")
+    return wall
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=1_000_000)
@@ -106,7 +269,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--setup-only", action="store_true",
                         help="prepare the work folder (log split, champions) and stop; rerun with --work to time")
+    parser.add_argument("--floors-only", action="store_true",
+                        help="on a --work folder a timed run left: only the aggregate, the features floor and the "
+                             "one-more-day floor (a few minutes at 1M users)")
+    parser.add_argument("--score-floor-child", type=Path, help=argparse.SUPPRESS)
     a = parser.parse_args()
+    if a.score_floor_child:
+        print(json.dumps(score_floor(a.score_floor_child)))
+        return
+    if a.floors_only:
+        floors_only(a)
+        return
     work = a.work or Path(tempfile.mkdtemp(prefix="sendtime-bench-refresh-"))
     work.mkdir(parents=True, exist_ok=True)
     overlay = work / "sendtime.toml"
@@ -174,7 +347,8 @@ def main() -> None:
     shutil.copy(part2, log_dir / "part-2.parquet")
     incremental = run([*loud, "score", "--events", str(log_dir), "--users", str(users), "--out",
                        str(work / "tags-next.parquet")], env, "sendtime score (one more day)")
-    steps += [aggregate, floor, features, full, incremental]
+    score = run([sys.executable, __file__, "--score-floor-child", str(work)], env, "one more day's floor")
+    steps += [aggregate, floor, features, full, incremental, score]
     base = aggregate["seconds"]
     print(f"\nlog: {data} split at {cut['cut']} (last event {cut['last']}); work folder {work}")
     print(f"{'step':<40} {'seconds':>9} {'x aggregate':>12} {'peak GB':>8}")
@@ -189,6 +363,8 @@ def main() -> None:
     print("  (the feature snapshot is written while the churn reasons and the tag table are made; the rest of "
           "each total is the process's start: imports, reading the log's schema, loading the champions)")
     print(f"features floor: the hand-written aggregate + attribution is {floor['seconds'] / base:.2f}x the aggregate")
+    score["floor"] = json.loads(score["out"][-1])
+    print_score_floor(score["floor"])
     verdict = {
         "full refresh <= 90 s": full["seconds"] <= 90,
         "full refresh <= 8x aggregate": full["seconds"] <= 8 * base,
@@ -200,6 +376,35 @@ def main() -> None:
         print(f"  {'met' if ok else 'NOT met'}: {k}")
     if a.json:
         a.json.write_text(json.dumps({"steps": steps, "verdict": verdict, "time": time.time()}, indent=2, default=str))
+
+
+def floors_only(a: argparse.Namespace) -> None:
+    """The aggregate, the features floor and the one-more-day floor on a work folder that a
+    timed run left (its log split, champions and current refresh), nothing rebuilt."""
+    work = a.work
+    if work is None or not (work / "split.json").exists() or not (work / "serving" / "current").exists():
+        raise SystemExit("--floors-only needs --work: a folder a timed run of this benchmark left "
+                         "(split.json, mlruns/, serving/current)")
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    data = a.data or work / "sim"
+    part1, users = work / "part-1.parquet", data / "users.parquet"
+    aggregate = run([sys.executable, "-c", TIMED_QUERY, str(part1), str(users), AGGREGATE], env,
+                    "hand-written DuckDB aggregate")
+    floor = run([sys.executable, "-c", TIMED_QUERY, str(part1), str(users), FLOOR], env,
+                "hand-written aggregate + attribution")
+    score = run([sys.executable, __file__, "--score-floor-child", str(work)], env, "one more day's floor")
+    score["floor"] = json.loads(score["out"][-1])
+    base = aggregate["seconds"]
+    print(f"\nwork folder {work} (serving/current: {(work / 'serving' / 'current').resolve().name})")
+    print(f"{'step':<40} {'seconds':>9} {'x aggregate':>12} {'peak GB':>8}")
+    for s in (aggregate, floor, score):
+        print(f"{s['step']:<40} {s['seconds']:>9.1f} {s['seconds'] / base:>12.2f} {s['peak_gb']:>8.2f}")
+    print("  (the floor's process also loads the champions and reads the snapshot: untimed in its pieces)")
+    print(f"features floor: the hand-written aggregate + attribution is {floor['seconds'] / base:.2f}x the aggregate")
+    print_score_floor(score["floor"])
+    if a.json:
+        a.json.write_text(json.dumps({"steps": [aggregate, floor, score], "time": time.time()}, indent=2, default=str))
 
 
 if __name__ == "__main__":
