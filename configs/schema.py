@@ -129,6 +129,7 @@ class DatasetConfig(_Frozen):
     churn_train_snapshots: int = Field(ge=0)   # 0: as many as the log's span allows
     calibration: Literal["isotonic", "sigmoid", "none"]
     calibration_bins: int = Field(gt=1)
+    cache_entries: int = Field(default=2, ge=0)   # training sets kept between commands; 0: none
 
     @field_validator("churn_train_snapshots")
     @classmethod

@@ -488,13 +488,13 @@ def tune(
     quarantine: Optional[Path] = QuarantineOpt,
 ) -> None:
     """Optuna search on the time-split validation set; trials show in MLflow; `train --best-params` uses the result."""
-    from training.datasets import build_dataset
+    from training.dataset_cache import cached_dataset
     from training.tuning import tune as run_tune
 
     cfg = current_config()
     task, model = task.value, model.value
     lg = open_events(events, users, cfg, quarantine)
-    ds = build_dataset(lg, task, parse_as_of(as_of), cfg, progress=not STATE.quiet)
+    ds = cached_dataset(lg, task, parse_as_of(as_of), cfg, progress=not STATE.quiet)
     study = run_tune(ds, model, cfg, trials, progress=not STATE.quiet)
     typer.echo(f"study {study.study_name}: {len(study.trials)} trials, best validation log loss "
                f"{study.best_value:.5f} with {study.best_params}\n"

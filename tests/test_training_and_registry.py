@@ -1,5 +1,7 @@
 """A real train -> register -> promote round trip against a real MLflow SQLite store."""
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -97,3 +99,46 @@ def test_open_task_refused_on_purchase_only_logs(cfg):
     log = from_frames(make_events([("a", "2026-01-01", "purchase"), ("b", "2026-02-01", "purchase")]))
     with pytest.raises(TaskNotTrainable, match="needs send and open"):
         build_dataset(log, "open", None, cfg, progress=False)
+
+
+def test_a_training_set_is_read_back_only_for_the_same_log_time_and_config(trained, tmp_path, monkeypatch):
+    """`train` with the other library reads the first one's dataset back, equal to a rebuild;
+    another as-of time or configuration builds its own; only the most recent entries stay."""
+    import training.dataset_cache as cache_module
+    from training.dataset_cache import cached_dataset, dataset_key
+
+    from training.tracking import datasets_dir
+
+    log = trained["log"]
+    cfg = trained["cfg"].with_overrides(tracking={"artifact_root": str(tmp_path / "artifacts")})
+    cache = datasets_dir(cfg) / "cache"
+    shutil.rmtree(cache, ignore_errors=True)   # what the session's training left
+    built = cached_dataset(log, "churn", None, cfg, progress=False)
+    assert [p.name for p in cache.iterdir()] == [dataset_key(log, "churn", None, cfg)]
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("built again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cache_module, "build_dataset", no_build)
+        read = cached_dataset(log, "churn", None, cfg, progress=False)
+    for name in ("train", "valid", "holdout"):
+        pd.testing.assert_frame_equal(getattr(read, name).rows, getattr(built, name).rows)
+        pd.testing.assert_frame_equal(getattr(read, name).meta, getattr(built, name).meta)
+        assert np.array_equal(getattr(read, name).label, getattr(built, name).label)
+    assert (read.as_of, read.categorical, read.snapshots) == (built.as_of, built.categorical, built.snapshots)
+    assert read.training_digest() == built.training_digest() and read.holdout_digest() == built.holdout_digest()
+
+    earlier = log.max_ts() - pd.Timedelta(days=7)
+    other = cfg.with_overrides(features={"user_prior_strength": cfg.features.user_prior_strength + 1})
+    keys = {dataset_key(log, "churn", None, cfg), dataset_key(log, "churn", earlier, cfg),
+            dataset_key(log, "churn", None, other), dataset_key(log, "open", None, cfg)}
+    assert len(keys) == 4
+    cached_dataset(log, "churn", earlier, cfg, progress=False)
+    cached_dataset(log, "churn", None, other, progress=False)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [dataset_key(log, "churn", earlier, cfg), dataset_key(log, "churn", None, other)])
+    # off: nothing read or kept
+    shutil.rmtree(cache)
+    cached_dataset(log, "churn", None, cfg.with_overrides(datasets={"cache_entries": 0}), progress=False)
+    assert not cache.exists()

@@ -24,7 +24,8 @@ from features.reference import REFERENCE_FILE
 from features.rows import FeatureSpec
 from training import plots
 from training.calibration import fit_calibrator
-from training.datasets import Dataset, build_dataset
+from training.dataset_cache import cached_dataset
+from training.datasets import Dataset
 from training.metrics import binary_metrics, churn_baseline_aucs
 from training.reference import build_reference
 from training.tracking import configure_tracking, datasets_dir
@@ -166,7 +167,7 @@ def train_task(
     """Train ``library`` for ``task`` on the log up to ``as_of``; log and register it.
     ``fit``: where the trees grow (:func:`fit_on_this_machine`, or a Dask cluster's)."""
     configure_tracking(cfg)
-    ds = dataset or build_dataset(log_, task, as_of, cfg, progress=progress)
+    ds = dataset or cached_dataset(log_, task, as_of, cfg, progress=progress)
     holdout_path = save_holdout(ds, cfg)
     model_name = cfg.tracking.model_name(task)
     tags = {"task": task, "library": library, "as_of": ds.as_of.isoformat(),
