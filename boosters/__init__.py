@@ -10,10 +10,10 @@ file that subclasses :class:`BoosterLibrary` and one line in ``_ADAPTERS``.
 from __future__ import annotations
 
 from boosters.base import BoosterLibrary, Fitted
-from boosters.calibration import apply_calibration
+from boosters.calibration import apply_calibration, blend_input
 from configs import Library
 
-__all__ = ["BoosterLibrary", "Fitted", "adapter", "adapter_for_flavors", "apply_calibration"]
+__all__ = ["BoosterLibrary", "Fitted", "adapter", "adapter_for_flavors", "apply_calibration", "blend_input"]
 
 
 def _adapters() -> dict[Library, BoosterLibrary]:

@@ -146,6 +146,7 @@ class ModelConfig(_Frozen):
     threads: int = Field(gt=0)
     lightgbm: dict[str, Any]
     xgboost: dict[str, Any]
+    open_rhythm_blend: float = Field(default=0.0, ge=0, lt=1)
 
 
 class TrackingConfig(_Frozen):

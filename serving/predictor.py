@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from boosters import BoosterLibrary, adapter_for_flavors, apply_calibration
+from boosters import BoosterLibrary, adapter_for_flavors, apply_calibration, blend_input
 from boosters.compiled import CompilationError
 from configs import SendtimeError
 from features.rows import FeatureSpec
@@ -89,9 +89,10 @@ class LoadedModel:
         """Calibrated probabilities of encoded rows. For compiled trees: ``threads``; a
         float64 ``x`` they may change (``overwrite_input``) or that has no input LightGBM reads
         as 0 without being 0 (``clean``). A booster uses its library's own threads."""
+        anchor = blend_input(self.calibrator, x)
         if self.compiled is not None:
-            return apply_calibration(self.compiled.predict(x, threads, overwrite_input, clean), self.calibrator)
-        return apply_calibration(self.library.predict(self.booster, x), self.calibrator)
+            return apply_calibration(self.compiled.predict(x, threads, overwrite_input, clean), self.calibrator, anchor)
+        return apply_calibration(self.library.predict(self.booster, x), self.calibrator, anchor)
 
     def predict(self, rows: pd.DataFrame) -> np.ndarray:
         return self.predict_array(self.spec.encode(rows))

@@ -106,7 +106,6 @@ def test_a_training_set_is_read_back_only_for_the_same_log_time_and_config(train
     another as-of time or configuration builds its own; only the most recent entries stay."""
     import training.dataset_cache as cache_module
     from training.dataset_cache import cached_dataset, dataset_key
-
     from training.tracking import datasets_dir
 
     log = trained["log"]
@@ -142,3 +141,45 @@ def test_a_training_set_is_read_back_only_for_the_same_log_time_and_config(train
     shutil.rmtree(cache)
     cached_dataset(log, "churn", None, cfg.with_overrides(datasets={"cache_entries": 0}), progress=False)
     assert not cache.exists()
+
+
+def test_an_open_version_blends_its_trees_with_the_learned_rhythm(trained):
+    """The open model's probability is the calibrated trees and the learned rhythm's open
+    rate at the slot, blended in logits with the weight stored with the version; churn has
+    no blend; a blending calibrator refuses rows without the column."""
+    from boosters import apply_calibration
+    from features.rows import ModelRows
+    from features.snapshot import read_snapshot
+    from serving.predictor import load_registered_model
+    from serving.tagstore import current_refresh
+    from training.calibration import with_rhythm_blend
+
+    cfg, results = trained["cfg"], trained["results"]
+    matrix, _ = read_snapshot(current_refresh(cfg.serving.serving_dir).root)
+    for library in ("lightgbm", "xgboost"):
+        model = load_registered_model(cfg.tracking.resolved_uri(), cfg.tracking.model_name("open"),
+                                      version=results[("open", library)].version)
+        blend = model.calibrator["rhythm_blend"]
+        assert blend["weight"] == cfg.models.open_rhythm_blend > 0
+        assert model.spec.names[blend["index"]] == blend["feature"] == "slot_rhythm_expected"
+        warm = np.flatnonzero(matrix.scalars["has_history"].to_numpy() > 0)[:200]
+        rows = ModelRows(model.spec, matrix, warm, per_slot=True)
+        x = rows.build(0, len(rows))
+        p = model.predict_array(x.copy())
+        trees = apply_calibration(model.library.predict(model.booster, x),
+                                  {k: v for k, v in model.calibrator.items() if k != "rhythm_blend"})
+        r, w = np.clip(x[:, blend["index"]].astype(float), 1e-6, 1 - 1e-6), blend["weight"]
+        z = (1 - w) * np.log(trees / (1 - trees)) + w * np.log(r / (1 - r))
+        np.testing.assert_allclose(p, 1 / (1 + np.exp(-z)), rtol=1e-10)
+        assert np.abs(p - trees).max() > 1e-3                      # the rhythm moves the numbers
+        with pytest.raises(ValueError, match="slot_rhythm_expected"):
+            apply_calibration(p, model.calibrator)
+        # a row without the rhythm keeps the trees' own probability
+        no_rhythm = apply_calibration(trees[:3], model.calibrator, np.full(3, np.nan))
+        np.testing.assert_allclose(no_rhythm, np.clip(trees[:3], 1e-6, 1 - 1e-6))
+    churn = load_registered_model(cfg.tracking.resolved_uri(), cfg.tracking.model_name("churn"),
+                                  version=results[("churn", "lightgbm")].version)
+    assert "rhythm_blend" not in churn.calibrator
+    names = list(model.spec.names)
+    assert with_rhythm_blend({"kind": "none"}, names, 0.0) == {"kind": "none"}
+    assert with_rhythm_blend({"kind": "none"}, [n for n in names if n != "slot_rhythm_expected"], 0.5) == {"kind": "none"}

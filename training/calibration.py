@@ -16,9 +16,11 @@ from sklearn.metrics import log_loss
 
 from boosters import apply_calibration
 
-__all__ = ["fit_calibrator"]
+__all__ = ["RHYTHM_BLEND_FEATURE", "fit_calibrator", "with_rhythm_blend"]
 
 _MAX_KNOTS = 200
+# the input an open model's probabilities are blended with (boosters.calibration)
+RHYTHM_BLEND_FEATURE = "slot_rhythm_expected"
 
 
 def _fit(kind: str, p: np.ndarray, y: np.ndarray) -> dict:
@@ -58,3 +60,14 @@ def fit_calibrator(kind: str, p_valid: np.ndarray, y_valid: np.ndarray, groups: 
     if evidence["calibration_crossfit_cal_log_loss"] < evidence["calibration_crossfit_raw_log_loss"]:
         return _fit(kind, p_valid, y_valid), evidence
     return {"kind": "none"}, evidence
+
+
+def with_rhythm_blend(calibrator: dict, names: list[str], weight: float) -> dict:
+    """The calibrator with the blend of ``boosters.calibration`` (weight ``weight`` on the
+    learned rhythm's open rate at the slot), when the model reads that input; as it was
+    otherwise. The weight travels with the model: a later config does not change a
+    registered version's numbers."""
+    if weight <= 0 or RHYTHM_BLEND_FEATURE not in names:
+        return calibrator
+    return {**calibrator, "rhythm_blend": {"weight": float(weight), "feature": RHYTHM_BLEND_FEATURE,
+                                           "index": names.index(RHYTHM_BLEND_FEATURE)}}

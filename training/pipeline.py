@@ -17,13 +17,13 @@ import numpy as np
 import pandas as pd
 from mlflow.models import infer_signature
 
-from boosters import adapter, apply_calibration
+from boosters import adapter, apply_calibration, blend_input
 from configs import Config, write_atomic
 from features.events import EventLog
 from features.reference import REFERENCE_FILE
 from features.rows import FeatureSpec
 from training import plots
-from training.calibration import fit_calibrator
+from training.calibration import fit_calibrator, with_rhythm_blend
 from training.dataset_cache import cached_dataset
 from training.datasets import Dataset
 from training.metrics import binary_metrics, churn_baseline_aucs
@@ -80,16 +80,19 @@ def fit_and_evaluate(ds: Dataset, library: str, cfg: Config, overrides: dict[str
     p_valid = predict_raw(library, fitted.booster, x_valid)
     calibrator, evidence = fit_calibrator(cfg.datasets.calibration, p_valid, ds.valid.label.astype(float),
                                           ds.valid.meta["user_id"].to_numpy())
+    if ds.task == "open":
+        calibrator = with_rhythm_blend(calibrator, names, cfg.models.open_rhythm_blend)
     start = time.perf_counter()
     p_raw = predict_raw(library, fitted.booster, x_hold)
     predict_seconds = time.perf_counter() - start
-    p_cal = apply_calibration(p_raw, calibrator)
+    p_cal = apply_calibration(p_raw, calibrator, blend_input(calibrator, x_hold))
     bins = cfg.datasets.calibration_bins
     metrics = {
         **binary_metrics(ds.holdout.label, p_cal, bins, prefix="holdout_"),
         **{k: v for k, v in binary_metrics(ds.holdout.label, p_raw, bins, prefix="holdout_raw_").items()
            if k.endswith(("log_loss", "ece", "auc"))},
-        **binary_metrics(ds.valid.label, apply_calibration(p_valid, calibrator), bins, prefix="valid_"),
+        **binary_metrics(ds.valid.label, apply_calibration(p_valid, calibrator, blend_input(calibrator, x_valid)), bins,
+                         prefix="valid_"),
         **evidence,
         "train_seconds": fitted.train_seconds,
         "predict_rows_per_second": len(x_hold) / max(predict_seconds, 1e-9),

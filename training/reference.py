@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from boosters import apply_calibration
+from boosters import apply_calibration, blend_input
 from configs import Config
 from features.events import EventLog
 from features.matrix import UserMatrix, build_matrix
@@ -54,7 +54,7 @@ def _predictions(task: str, spec: FeatureSpec, library: str, booster: Any, calib
         x = encode_all_slot_rows(spec, matrix, positions)       # every slot, as the refresh scores
     else:
         x = spec.encode(churn_rows(matrix.subset(positions)))
-    return apply_calibration(predict_raw(library, booster, x), calibrator)
+    return apply_calibration(predict_raw(library, booster, x), calibrator, blend_input(calibrator, x))
 
 
 def build_reference(log_: EventLog, task: str, snapshot: datetime, spec: FeatureSpec, library: str,
