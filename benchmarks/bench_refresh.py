@@ -113,28 +113,6 @@ def run(args: list[str], env: dict, label: str) -> dict:
             "steps": steps}
 
 
-def _snapshot_matrix(folder: Path):
-    """The user matrix of a snapshot folder, as ``features.snapshot.read_snapshot`` gives it,
-    read a family at a time (no wide frame beside the matrix: ~4 GB less at 1M users)."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    from features.matrix import UserMatrix
-
-    path = folder / "features.parquet"
-    manifest = json.loads((folder / "manifest.json").read_text())
-    names, n_slots = pq.ParquetFile(path).schema_arrow.names, int(manifest["n_slots"])
-    scalars = pq.read_table(path, columns=[c for c in names if "__" not in c]).to_pandas().set_index("user_id")
-    slots = {}
-    for family in dict.fromkeys(c.split("__")[0] for c in names if "__" in c):
-        table = pq.read_table(path, columns=[f"{family}__{s:03d}" for s in range(n_slots)])
-        slots[family] = np.empty((table.num_rows, n_slots), np.float32)
-        for s in range(n_slots):
-            slots[family][:, s] = table.column(s).to_numpy()
-    return UserMatrix(as_of=datetime.fromisoformat(manifest["as_of"]), n_slots=n_slots, scalars=scalars, slots=slots,
-                      attributes=tuple(manifest["attributes"]))
-
-
 def _forest_size(model) -> dict:
     """Trees, leaves and inputs of a champion (the floor's cost follows them)."""
     if model.library.name == "lightgbm":
@@ -157,6 +135,7 @@ def score_floor(work: Path) -> dict:
     from configs import load_config
     from features.families import feature_catalog
     from features.rows import ModelRows
+    from features.snapshot import read_snapshot
     from serving.core import PriorTable, ScoringCore, cold_start_priors, compiled_cache_dir
     from serving.models import load_champions
     from serving.refresh import tags_table
@@ -165,7 +144,7 @@ def score_floor(work: Path) -> dict:
     cfg = load_config(work / "sendtime.toml")
     threads = cfg.models.threads
     champions = load_champions(cfg)
-    matrix = _snapshot_matrix(Path(cfg.serving.serving_dir) / "current")
+    matrix, _ = read_snapshot(Path(cfg.serving.serving_dir) / "current")
     core = ScoringCore(champions, matrix, cfg)
     history = np.flatnonzero(core.has_history)
     reachable = np.flatnonzero(core.has_history & ~core.unreachable)

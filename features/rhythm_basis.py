@@ -136,14 +136,19 @@ def _dirichlet_prior(weights: np.ndarray, evidence: np.ndarray, min_evidence: fl
     return mean * float(np.clip(strength, 0.05, 10.0 * len(mean)))
 
 
+def _through_spectrum(profiles: np.ndarray, gain: np.ndarray) -> np.ndarray:
+    """``profiles`` (rows over circular slots) with each Fourier harmonic multiplied by
+    ``gain`` (one factor per harmonic); the ripple below zero clipped away."""
+    n_slots = profiles.shape[-1]
+    return np.maximum(np.fft.irfft(np.fft.rfft(profiles, axis=-1) * gain, n=n_slots, axis=-1), 1e-6)
+
+
 def _smooth(profiles: np.ndarray, harmonics: int) -> np.ndarray:
-    """``profiles`` (rows over circular slots) kept to their first ``harmonics`` Fourier
-    harmonics (0: as they are); the ripple below zero clipped away."""
-    if harmonics <= 0 or harmonics + 1 >= profiles.shape[-1] // 2:
+    """``profiles`` kept to their first ``harmonics`` harmonics (0: as they are)."""
+    n_harmonics = profiles.shape[-1] // 2 + 1
+    if harmonics <= 0 or harmonics + 2 >= n_harmonics:
         return profiles
-    spectrum = np.fft.rfft(profiles, axis=-1)
-    spectrum[..., harmonics + 1:] = 0
-    return np.maximum(np.fft.irfft(spectrum, n=profiles.shape[-1], axis=-1), 1e-6)
+    return _through_spectrum(profiles, (np.arange(n_harmonics) <= harmonics).astype(float))
 
 
 def _fit_one(a: np.ndarray, s: np.ndarray | None, o: np.ndarray | None, evidence: np.ndarray, n_components: int,
@@ -293,9 +298,7 @@ def _shifted(profiles: np.ndarray, shift: float) -> np.ndarray:
     if shift == 0:
         return profiles
     n_slots = profiles.shape[-1]
-    harmonics = np.fft.rfft(profiles, axis=-1)
-    turn = np.exp(-2j * np.pi * np.arange(harmonics.shape[-1]) * shift / n_slots)
-    return np.maximum(np.fft.irfft(harmonics * turn, n=n_slots, axis=-1), 1e-6)
+    return _through_spectrum(profiles, np.exp(-2j * np.pi * np.arange(n_slots // 2 + 1) * shift / n_slots))
 
 
 def _log_posterior(weights: np.ndarray, activity: np.ndarray, opened: np.ndarray | None, sends: np.ndarray | None,

@@ -13,10 +13,12 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from configs import Config, write_atomic
-from features.matrix import PopulationPriors, UserMatrix
+from features.matrix import SLOT_FAMILIES, PopulationPriors, UserMatrix
 
 __all__ = ["FEATURES_FILE", "MANIFEST_FILE", "read_manifest", "read_snapshot", "snapshot_manifest",
            "write_manifest", "write_snapshot"]
@@ -80,7 +82,13 @@ def read_snapshot(folder: str | Path) -> tuple[UserMatrix, dict]:
     """The matrix of a snapshot folder and its manifest."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    frame = pd.read_parquet(folder / FEATURES_FILE)
-    matrix = UserMatrix.from_frame(frame, datetime.fromisoformat(manifest["as_of"]),
-                                   int(manifest["n_slots"]), tuple(manifest["attributes"]))
+    path, n_slots = folder / FEATURES_FILE, int(manifest["n_slots"])
+    names = pq.ParquetFile(path).schema_arrow.names
+    families = sorted({c.split("__")[0] for c in names if "__" in c}, key=SLOT_FAMILIES.index)
+    # a family at a time: a frame of every column beside the matrix took ~10 GB at 1M users
+    scalars = pd.read_parquet(path, columns=[c for c in names if "__" not in c]).set_index("user_id")
+    slots = {f: pd.read_parquet(path, columns=[f"{f}__{s:03d}" for s in range(n_slots)]).to_numpy(np.float32)
+             for f in families}
+    matrix = UserMatrix(as_of=datetime.fromisoformat(manifest["as_of"]), n_slots=n_slots, scalars=scalars,
+                        slots=slots, attributes=tuple(manifest["attributes"]))
     return matrix, manifest

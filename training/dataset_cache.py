@@ -14,6 +14,7 @@ holdouts (``training.tracking.datasets_dir``); 0 turns the cache off.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -44,6 +45,7 @@ _CODE = ("configs", "features", "training/datasets.py", "training/labels.py")
 _SPLITS = ("train", "valid", "holdout")
 
 
+@functools.cache   # the source does not change under a running process: read it once
 def _code_digest() -> str:
     h = hashlib.sha256()
     for name in _CODE:
