@@ -107,6 +107,7 @@ class FeatureConfig(_Frozen):
     rhythm_harmonics: int = Field(default=0, ge=0, le=11)
     rhythm_shifts: tuple[float, ...] = (0.0,)
     rhythm_shift_iterations: int = Field(default=3, gt=0)
+    rhythm_threads: int = Field(default=0, ge=0)
     rhythm_families: tuple[str, ...] = ("rhythm_open", "rhythm_expected", "rhythm_rate")
     materialize_max_rows: int = Field(ge=0)
     duckdb_memory_limit: str = ""

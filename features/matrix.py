@@ -13,6 +13,7 @@ that user-partitioned chunks (the Dask path) only need the priors exchanged.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -505,7 +506,8 @@ def build_matrix(
                                         slot_prior_strength=f.slot_prior_strength,
                                         user_prior_strength=f.user_prior_strength, iterations=f.rhythm_iterations,
                                         keep=tuple(rhythm_wanted), shifts=tuple(f.rhythm_shifts),
-                                        shift_iterations=f.rhythm_shift_iterations))
+                                        shift_iterations=f.rhythm_shift_iterations,
+                                        threads=f.rhythm_threads or len(os.sched_getaffinity(0))))
     stage("per-slot pooling")
     scalars = everyone if everyone is not None else scalar_frame(state, cfg)
     fit = BtydFit.from_dict(priors.btyd) if priors.btyd else None

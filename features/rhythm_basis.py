@@ -31,10 +31,12 @@ stable hash of their ids when given; every user's mix is computed a block at a t
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 __all__ = ["RHYTHM_FAMILIES", "RhythmBasis", "fit_evidence", "fit_rhythm_basis", "fit_rows", "rhythm_families", "rhythm_weights"]
 
@@ -359,12 +361,15 @@ def _rhythm_over_shifts(basis: RhythmBasis, activity: np.ndarray, sends: np.ndar
 
 def rhythm_families(basis: RhythmBasis, activity: np.ndarray, sends: np.ndarray | None = None,
                     opened: np.ndarray | None = None, slot_prior_strength: float = 4.0,
-                    user_prior_strength: float = 8.0, iterations: int = 20, block: int = 100_000,
+                    user_prior_strength: float = 8.0, iterations: int = 20, block: int = 5_000,
                     keep: tuple[str, ...] | None = None, shifts: tuple[float, ...] = (0.0,),
-                    shift_iterations: int = 6) -> dict[str, np.ndarray]:
+                    shift_iterations: int = 6, threads: int = 1) -> dict[str, np.ndarray]:
     """The :data:`RHYTHM_FAMILIES` of each user (float32, (n_users, n_slots)), or those in
-    ``keep``, a block of users at a time (float64 temporaries the size of a block, not of the
-    population).
+    ``keep``, a block of users at a time on ``threads`` threads (float64 temporaries the size
+    of a block, not of the population). Each user's numbers do not depend on the block or the
+    threads: small blocks keep the temporaries in cache, and one BLAS thread per block keeps
+    OpenBLAS from spinning two threads on products this small (at 1M users with shifts: 32 s
+    -> 14 s of wall time, 64 -> 27 s of CPU, on 2 cores).
 
     Engagement profile and open rhythm are averaged over the starts and over each user's
     posterior of a personal shift of the basis by one of ``shifts`` slots ((0.0,): none).
@@ -382,7 +387,8 @@ def rhythm_families(basis: RhythmBasis, activity: np.ndarray, sends: np.ndarray 
     out = {name: np.empty((n, n_slots), dtype=np.float32) for name in RHYTHM_FAMILIES
            if keep is None or name in keep}
     use_sends = sends is not None and opened is not None and basis.overall_rate > 0
-    for start in range(0, n, block):
+
+    def one_block(start: int) -> None:
         part = slice(start, min(start + block, n))
         a = np.asarray(activity[part], dtype=np.float64)
         s = np.asarray(sends[part], dtype=np.float64) if use_sends else None
@@ -399,4 +405,14 @@ def rhythm_families(basis: RhythmBasis, activity: np.ndarray, sends: np.ndarray 
         values = {"rhythm_share": share, "rhythm_open": rhythm, "rhythm_expected": expected, "rhythm_rate": rate}
         for name, array in out.items():
             array[part] = _rank(rate) if name == "rhythm_rank" else values[name]
+
+    starts = range(0, n, block)
+    with threadpool_limits(limits=1, user_api="blas"):
+        if threads > 1 and len(starts) > 1:
+            # numpy releases the GIL in its loops; the blocks write disjoint rows of ``out``
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(one_block, starts))
+        else:
+            for start in starts:
+                one_block(start)
     return out

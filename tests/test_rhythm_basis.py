@@ -112,9 +112,12 @@ def test_deterministic_and_independent_of_the_other_users(planted, shifts):
     some = np.array([5, 17, 400, 1499])
     alone = rhythm_families(basis, data["activity"][some], data["sends"][some], data["opened"][some], shifts=shifts)
     blocks = rhythm_families(basis, data["activity"], data["sends"], data["opened"], block=700, shifts=shifts)
-    for name in RHYTHM_FAMILIES:   # bit for bit: a partitioned build must give the one-machine numbers
+    threaded = rhythm_families(basis, data["activity"], data["sends"], data["opened"], block=300, shifts=shifts,
+                               threads=3)
+    for name in RHYTHM_FAMILIES:   # bit for bit: a partitioned or threaded build must give the one-machine numbers
         assert np.array_equal(alone[name], everyone[name][some]), name
         assert np.array_equal(blocks[name], everyone[name]), name
+        assert np.array_equal(threaded[name], everyone[name]), name
 
 
 def test_round_trip_through_a_dict(planted):
