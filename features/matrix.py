@@ -450,6 +450,11 @@ def with_btyd(priors: PopulationPriors, scalars: pd.DataFrame, cfg: Config) -> P
     return replace(priors, btyd=fit.to_dict() if fit is not None else None)
 
 
+def _cores() -> int:
+    """The cores this process may run on (the affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def build_matrix(
     log: EventLog,
     as_of: datetime,
@@ -507,7 +512,7 @@ def build_matrix(
                                         user_prior_strength=f.user_prior_strength, iterations=f.rhythm_iterations,
                                         keep=tuple(rhythm_wanted), shifts=tuple(f.rhythm_shifts),
                                         shift_iterations=f.rhythm_shift_iterations,
-                                        threads=f.rhythm_threads or len(os.sched_getaffinity(0))))
+                                        threads=f.rhythm_threads or _cores()))
     stage("per-slot pooling")
     scalars = everyone if everyone is not None else scalar_frame(state, cfg)
     fit = BtydFit.from_dict(priors.btyd) if priors.btyd else None
