@@ -221,7 +221,18 @@ def print_features_floor(floor: dict, arrays: dict, base: float) -> None:
     print(f"features floor: the hand-written aggregate + attribution is {floor['seconds'] / base:.2f}x the aggregate "
           f"in one DuckDB statement, {arrays['seconds'] / base:.2f}x in arrays (the floor)")
     print(f"  DuckDB statement (groups, events, sends, opened): {floor['out'][-1]}")
-    print(f"  arrays (seconds inside, (groups, events, sends, opened, cells, sends)): {arrays['out'][-1]}")
+    print(f"  arrays (seconds inside, (groups, events, sends, opened, cells)): {arrays['out'][-1]}")
+
+
+def hand_written(part1: Path, users: Path, env: dict) -> tuple[dict, dict, dict]:
+    """The aggregate (the baseline), and the features' least work as one DuckDB statement and in arrays."""
+    aggregate = run([sys.executable, "-c", TIMED_QUERY, str(part1), str(users), AGGREGATE], env,
+                    "hand-written DuckDB aggregate")
+    floor = run([sys.executable, "-c", TIMED_QUERY, str(part1), str(users), FLOOR], env,
+                "hand-written aggregate + attribution")
+    arrays = run([sys.executable, str(ROOT / "benchmarks" / "features_floor_arrays.py"), str(part1), str(users)], env,
+                 ARRAYS_LABEL)
+    return aggregate, floor, arrays
 
 
 def print_score_floor(result: dict) -> float:
@@ -327,12 +338,7 @@ def main() -> None:
         print(f"work folder ready: {work}")
         return
 
-    aggregate = run([sys.executable, "-c", TIMED_QUERY, str(part1), str(users), AGGREGATE], env,
-                    "hand-written DuckDB aggregate")
-    floor = run([sys.executable, "-c", TIMED_QUERY, str(part1), str(users), FLOOR], env,
-                "hand-written aggregate + attribution")
-    arrays = run([sys.executable, str(ROOT / "benchmarks" / "features_floor_arrays.py"), str(part1), str(users)], env,
-                 ARRAYS_LABEL)
+    aggregate, floor, arrays = hand_written(part1, users, env)
     features = run([*cli, "features", "--events", str(log_dir), "--users", str(users), "--out", str(work / "features")],
                    env, "sendtime features (full log)")
     # not quiet: the refresh logs its steps
@@ -384,12 +390,7 @@ def floors_only(a: argparse.Namespace) -> None:
     env.pop("MLFLOW_TRACKING_URI", None)
     data = a.data or work / "sim"
     part1, users = work / "part-1.parquet", data / "users.parquet"
-    aggregate = run([sys.executable, "-c", TIMED_QUERY, str(part1), str(users), AGGREGATE], env,
-                    "hand-written DuckDB aggregate")
-    floor = run([sys.executable, "-c", TIMED_QUERY, str(part1), str(users), FLOOR], env,
-                "hand-written aggregate + attribution")
-    arrays = run([sys.executable, str(ROOT / "benchmarks" / "features_floor_arrays.py"), str(part1), str(users)], env,
-                 ARRAYS_LABEL)
+    aggregate, floor, arrays = hand_written(part1, users, env)
     score = run([sys.executable, __file__, "--score-floor-child", str(work)], env, "one more day's floor")
     score["floor"] = json.loads(score["out"][-1])
     base = aggregate["seconds"]

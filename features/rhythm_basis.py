@@ -406,13 +406,7 @@ def rhythm_families(basis: RhythmBasis, activity: np.ndarray, sends: np.ndarray 
         for name, array in out.items():
             array[part] = _rank(rate) if name == "rhythm_rank" else values[name]
 
-    starts = range(0, n, block)
-    with threadpool_limits(limits=1, user_api="blas"):
-        if threads > 1 and len(starts) > 1:
-            # numpy releases the GIL in its loops; the blocks write disjoint rows of ``out``
-            with ThreadPoolExecutor(threads) as pool:
-                list(pool.map(one_block, starts))
-        else:
-            for start in starts:
-                one_block(start)
+    # numpy releases the GIL in its loops; the blocks write disjoint rows of ``out``
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max(1, threads)) as pool:
+        list(pool.map(one_block, range(0, n, block)))
     return out
