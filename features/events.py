@@ -10,6 +10,7 @@ which is how the Dask path reuses it.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -178,6 +179,11 @@ def sql_ts(value: datetime) -> str:
 
 def sql_quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+def process_cores() -> int:
+    """The cores this process may run on (the affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def connect_duckdb(threads: int | None = None, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:

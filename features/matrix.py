@@ -13,7 +13,6 @@ that user-partitioned chunks (the Dask path) only need the priors exchanged.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -24,7 +23,7 @@ import pyarrow as pa
 
 from configs import Config
 from features.btyd import INPUT_COLUMNS, BtydFit, btyd_columns, fit_btyd
-from features.events import EventLog, sql_ts
+from features.events import EventLog, process_cores, sql_ts
 from features.rhythm_basis import RHYTHM_FAMILIES, RhythmBasis, fit_evidence, fit_rhythm_basis, fit_rows, rhythm_families
 from features.state import DECAYED, SLOT_COUNTS, FeatureState, build_state, scalar_frame, stage_timer
 
@@ -450,11 +449,6 @@ def with_btyd(priors: PopulationPriors, scalars: pd.DataFrame, cfg: Config) -> P
     return replace(priors, btyd=fit.to_dict() if fit is not None else None)
 
 
-def _cores() -> int:
-    """The cores this process may run on (the affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def build_matrix(
     log: EventLog,
     as_of: datetime,
@@ -512,7 +506,7 @@ def build_matrix(
                                         user_prior_strength=f.user_prior_strength, iterations=f.rhythm_iterations,
                                         keep=tuple(rhythm_wanted), shifts=tuple(f.rhythm_shifts),
                                         shift_iterations=f.rhythm_shift_iterations,
-                                        threads=f.rhythm_threads or _cores()))
+                                        threads=f.rhythm_threads or process_cores()))
     stage("per-slot pooling")
     scalars = everyone if everyone is not None else scalar_frame(state, cfg)
     fit = BtydFit.from_dict(priors.btyd) if priors.btyd else None

@@ -39,10 +39,14 @@ def assert_same_matrix(moved, rebuilt) -> None:
             np.testing.assert_array_equal(moved.slots[family], rebuilt.slots[family], err_msg=family)
 
 
-@pytest.mark.parametrize("step_hours,in_memory", [(24, True), (7, True), (30, True), (24, False), (30, False)])
-def test_a_state_moved_forward_equals_a_rebuild_on_the_whole_matrix(sim_dir, cfg, step_hours, in_memory):
+@pytest.mark.parametrize("step_hours,in_memory,half_life", [(24, True, None), (7, True, None), (30, True, None),
+                                                            (24, False, None), (30, False, None), (24, True, 0)])
+def test_a_state_moved_forward_equals_a_rebuild_on_the_whole_matrix(sim_dir, cfg, step_hours, in_memory, half_life):
     # in_memory False: the log is read from its file by every query, as a big log is, so
-    # moving forward sees only the events its narrowed view kept (a slice it forgot fails)
+    # moving forward sees only the events its narrowed view kept (a slice it forgot fails);
+    # half_life 0: no age-weighted evidence, so the full build reads only the history window
+    if half_life is not None:
+        cfg = cfg.with_overrides(features={"slot_half_life_days": half_life})
     log = open_log(sim_dir / "events.parquet", sim_dir / "users.parquet",
                    **({} if in_memory else {"materialize_max_rows": 0}))
     t = (log.max_ts() - timedelta(days=4)).replace(minute=13, second=0, microsecond=0)
@@ -95,7 +99,10 @@ def _edge_log() -> tuple[pd.DataFrame, pd.DataFrame]:
     return events, users
 
 
-def test_edge_cases_move_forward_exactly(cfg):
+@pytest.mark.parametrize("half_life", [None, 0])
+def test_edge_cases_move_forward_exactly(cfg, half_life):
+    if half_life is not None:     # windowed per-slot evidence only: the full build reads the history window
+        cfg = cfg.with_overrides(features={"slot_half_life_days": half_life})
     events, users = _edge_log()
     log = from_frames(events, users)
     t0 = datetime(2026, 3, 1, 23, 0)

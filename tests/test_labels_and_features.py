@@ -59,6 +59,72 @@ def test_open_labels_refuse_incomplete_windows(cfg):
                     datetime(2026, 1, 2, 12), cfg)
 
 
+def _tricky_log(seed: int) -> pd.DataFrame:
+    """Sends with ids, without, and both; ids repeated inside a window; opens by id, by a
+    wrong id and by none, at lags around the 24 h window; duplicates; ties to the minute."""
+    rng = np.random.default_rng(seed)
+    rows, k = [], 0
+    for u in range(40):
+        user, kind = f"u{u:02d}", int(rng.integers(3))
+        minutes = np.sort(rng.integers(0, 6 * 24 * 4, int(rng.integers(0, 20)))) * 15   # ties
+        last_id = None
+        for m in minutes:
+            ts = pd.Timestamp("2026-03-01", tz="UTC") + pd.Timedelta(minutes=int(m))
+            # tied sends agree on having an id (where they disagree the SQL's ASOF picks any)
+            has = kind == 0 or (kind == 2 and m % 2 == 0)
+            k += 1
+            msg = (last_id if last_id and rng.random() < 0.2 else f"m{k}") if has else None
+            last_id = msg or last_id
+            rows.append((user, ts, "send", msg))
+            for _ in range(int(rng.integers(0, 3))):
+                lag = pd.Timedelta(microseconds=int(rng.choice([0, 1, 30, 600, 1439, 1440, 2000]) * 60e6
+                                                    + rng.choice([0, 0, 1, -1])))
+                pick = rng.random()
+                oid = (msg if pick < 0.6 else None) if pick < 0.8 else f"other{k}"
+                rows.append((user, ts + lag, "open", oid))
+        for m in rng.integers(0, 7 * 24 * 60, int(rng.integers(0, 3))):   # stray opens
+            rows.append((user, pd.Timestamp("2026-03-01", tz="UTC") + pd.Timedelta(minutes=int(m)), "open", None))
+    return pd.DataFrame(rows, columns=["user_id", "ts", "event", "message_id"])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_arrays_attribution_equals_the_sql_definition(seed, monkeypatch):
+    """features.state attributes the whole log with ``opened_flags``; labels, references and
+    the incremental state use the SQL: both must flag the same sends."""
+    import features.attribution as attribution
+
+    events = _tricky_log(seed)
+    log = from_frames(events)
+    since, until = datetime(2026, 3, 2), datetime(2026, 3, 6, 12)
+    want = log.query_df(attribution.attributed_sends_sql(since, until, until, 24, "hour_of_day"))
+    want = want.groupby(["user_id", "ts"])["opened"].first()      # tied sends share a flag
+    assert 0 < want.mean() < 1
+
+    ids = np.sort(events["user_id"].unique())
+    ev = events.assign(ts=events["ts"].dt.tz_localize(None), user=np.searchsorted(ids, events["user_id"]),
+                       us=events["ts"].dt.tz_localize(None).astype("datetime64[us]").astype(np.int64),
+                       msg=pd.factorize(events["message_id"])[0], has=events["message_id"].notna())
+    window = pd.Timedelta(hours=24)
+    sends = ev[(ev["event"] == "send") & (ev["ts"] > since - window) & (ev["ts"] <= until)].sort_values(["user", "us"])
+    opens = ev[(ev["event"] == "open") & (ev["ts"] > since) & (ev["ts"] <= until)].sort_values("user")
+
+    def flags() -> pd.Series:
+        got = attribution.opened_flags(
+            sends["user"].to_numpy(), sends["us"].to_numpy(), sends["msg"].to_numpy(), sends["has"].to_numpy(),
+            opens["user"].to_numpy(), opens["us"].to_numpy(), opens["msg"].to_numpy(), opens["has"].to_numpy(),
+            int(window / pd.Timedelta(microseconds=1)))
+        out = pd.Series(got, index=pd.MultiIndex.from_arrays([sends["user_id"], sends["ts"]]))
+        out = out[out.index.get_level_values(1) > since]
+        return out.groupby(level=[0, 1]).first()
+
+    got = flags()
+    assert got.index.equals(want.index)
+    assert (got.to_numpy() == want.to_numpy()).all(), got[got != want]
+    # users folded into the key a few at a time (a long log's span) give the same flags
+    monkeypatch.setattr(attribution, "_KEY_LIMIT", 3 * 10**12)
+    assert (flags().to_numpy() == want.to_numpy()).all()
+
+
 def test_churn_label_population_and_horizon(cfg):
     t = "2026-03-01"
     ev = make_events([
