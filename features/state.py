@@ -246,21 +246,18 @@ def build_state(log: EventLog, as_of: datetime, cfg: Config) -> FeatureState:
     stage("per-slot activity")
     _attributed_full(log, as_of, cfg, state)
     stage("attributed sends")
-    # each user's active days, once: the recent ones' bits and the whole history's rhythm
-    log.con.execute(f"""CREATE OR REPLACE TEMP TABLE _active_days AS
-        SELECT DISTINCT user_id, {_EPOCH_DAY} AS day FROM events
-        WHERE event IN ({cfg.labels.engagement_sql()}) AND ts <= {sql_ts(as_of)}""")
-    try:
-        day_of_t = pd.Timestamp(_us(as_of), unit="us").normalize()    # UTC, as the log's ts
-        first_day = (day_of_t - pd.Timestamp("1970-01-01")).days - (longest - 1)
-        days = _query_pos(log, state, f"SELECT user_id, day - {first_day} AS j FROM _active_days WHERE day >= {first_day}")
-        state.active = np.zeros((len(ids), longest), dtype=np.uint8)
-        state.active[days["_pos"].to_numpy(), days["j"].to_numpy()] = 1
-        del days
-        stage("active days")
-        _rhythm_full(log, state)
-    finally:
-        log.con.execute("DROP TABLE IF EXISTS _active_days")
+    # each user's active days, once (sorted): the recent ones' bits and the whole history's rhythm
+    days = _coded_rows(log, state, f"""SELECT DISTINCT user_id, {_EPOCH_DAY} AS day FROM events
+        WHERE event IN ({cfg.labels.engagement_sql()}) AND ts <= {sql_ts(as_of)}""", "_pos, day")
+    day_of_t = pd.Timestamp(_us(as_of), unit="us").normalize()    # UTC, as the log's ts
+    first_day = (day_of_t - pd.Timestamp("1970-01-01")).days - (longest - 1)
+    pos, day = days["_pos"], days["day"]
+    recent = day >= first_day
+    state.active = np.zeros((len(ids), longest), dtype=np.uint8)
+    state.active[pos[recent], day[recent] - first_day] = 1
+    stage("active days")
+    state.rhythm = _rhythm_of_days(pos, day, len(ids))
+    del days, pos, day
     stage("rhythm")
     _reach_full(log, as_of, state)
     stage("reachability")
@@ -470,17 +467,17 @@ def _mark_active(log: EventLog, state: FeatureState, since: datetime, until: dat
 _EPOCH_DAY = "CAST(date_diff('day', DATE '1970-01-01', CAST(ts AS DATE)) AS INTEGER)"
 
 
-def _rhythm_full(log: EventLog, state: FeatureState) -> None:
-    """Active days over the whole history (table ``_active_days``) and the gaps between them."""
-    rows = _query_pos(log, state,
-        """WITH g AS (SELECT user_id, day, day - lag(day) OVER (PARTITION BY user_id ORDER BY day) AS gap
-                      FROM _active_days)
-            SELECT user_id, CAST(count(*) AS INTEGER) AS n, min(day) AS first, max(day) AS last,
-                   CAST(coalesce(sum(gap * gap), 0) AS BIGINT) AS sq
-            FROM g GROUP BY user_id""")
-    ids = state.user_ids
-    state.rhythm = {"n": _dense(ids, rows, "n", np.int32), "first": _dense(ids, rows, "first", np.int32, -1),
-                    "last": _dense(ids, rows, "last", np.int32, -1), "sq": _dense(ids, rows, "sq", np.int64)}
+def _rhythm_of_days(pos: np.ndarray, day: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """Each user's active days (rows sorted by user and day, each once): their count, first
+    and last day (-1: none) and the sum of squared gaps between consecutive ones."""
+    first, last, sq = np.full(n, -1, dtype=np.int32), np.full(n, -1, dtype=np.int32), np.zeros(n, dtype=np.int64)
+    if len(pos):
+        same = pos[1:] == pos[:-1]                       # a row and the one before are one user's
+        starts, ends = np.r_[True, ~same], np.r_[~same, True]
+        first[pos[starts]], last[pos[ends]] = day[starts], day[ends]
+        gap = (day[1:] - day[:-1]).astype(np.int64)[same]
+        np.add.at(sq, pos[1:][same], gap * gap)
+    return {"n": np.bincount(pos, minlength=n).astype(np.int32), "first": first, "last": last, "sq": sq}
 
 
 def _rhythm_advance(log: EventLog, moved: FeatureState, old_t: datetime, new_t: datetime, cfg: Config) -> None:
