@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from threadpoolctl import threadpool_limits
 
 from configs import Config
 from features.btyd import INPUT_COLUMNS, BtydFit, btyd_columns, fit_btyd
@@ -351,15 +353,18 @@ def slot_features(counts: SlotCounts, priors: PopulationPriors, cfg: Config) -> 
     return {k: v if v.dtype == RANK_DTYPE else v.astype(np.float32) for k, v in families.items()}, user_rate[:, 0]
 
 
-def slot_features_in_blocks(counts: SlotCounts, priors: PopulationPriors, cfg: Config,
-                            block: int = 50_000, keep: set[str] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def slot_features_in_blocks(counts: SlotCounts, priors: PopulationPriors, cfg: Config, block: int = 5_000,
+                            keep: set[str] | None = None, threads: int = 1) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """:func:`slot_features` a block of users at a time (each user's features are their own
-    counts with the priors): the same numbers, with float64 temporaries the size of a block
-    instead of a million users' (a few GB at 1M users x 24 slots)."""
+    counts with the priors), the blocks on ``threads`` threads: the same numbers, with float64
+    temporaries the size of a block instead of a million users' (a few GB at 1M users x 24
+    slots); small blocks stay in cache, and one BLAS thread per block keeps the threads from
+    oversubscribing the cores."""
     n = len(counts.user_ids)
     out: dict[str, np.ndarray] = {}
     rate = np.empty(n)
-    for start in range(0, max(n, 1), block):    # an empty matrix still has its families
+
+    def one_block(start: int) -> None:
         part = slice(start, min(start + block, n))
         # in double precision a block at a time (counts may be stored narrower)
         chunk = SlotCounts(user_ids=counts.user_ids[part],
@@ -372,6 +377,12 @@ def slot_features_in_blocks(counts: SlotCounts, priors: PopulationPriors, cfg: C
                 out[name] = np.empty((n, values.shape[1]), dtype=values.dtype)
             out[name][part] = values
         rate[part] = user_rate
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        one_block(0)        # an empty matrix still has its families; this one allocates them
+        # numpy releases the GIL in its loops; the blocks write disjoint rows of ``out``
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            list(pool.map(one_block, range(block, n, block)))
     return out, rate
 
 
@@ -491,12 +502,13 @@ def build_matrix(
     counts = counts_of(state)
     universe = user_attributes(log, state.index)
     stage("population priors and attributes")
-    families, user_rate = slot_features_in_blocks(counts, priors, cfg, keep=asked)
+    families, user_rate = slot_features_in_blocks(counts, priors, cfg, keep=asked, threads=process_cores())
     wanted = {name: name[len("decayed_"):] for name in SLOT_FAMILIES if name.startswith("decayed_") and name in asked}
     if "sends" + DECAYED in state.slots and wanted:
         decayed = SlotCounts(user_ids=state.user_ids,
                              **{k: state.slots[k + DECAYED] for k in SLOT_COUNTS})
-        pooled, _ = slot_features_in_blocks(decayed, priors, cfg, keep=set(wanted.values()))
+        pooled, _ = slot_features_in_blocks(decayed, priors, cfg, keep=set(wanted.values()),
+                                            threads=process_cores())
         families.update({name: pooled[base] for name, base in wanted.items()})
         del decayed, pooled
     if priors.rhythm and rhythm_wanted:

@@ -193,3 +193,28 @@ def test_whole_history_features_by_hand(cfg):
     # the whole-history per-slot evidence sees the sessions at 10:00 that the 90-day window lost
     matrix = build_matrix(from_frames(events, users), t, cfg)[0]
     assert matrix.slots["decayed_session_rank"][0, 10] == 0 and matrix.slots["session_rank"][0, 10] != 0
+
+
+def test_the_pooled_families_do_not_depend_on_blocks_or_threads(cfg):
+    """build_matrix pools the per-slot counts in small blocks on every core: each user's
+    numbers must be those of one pass over everyone."""
+    from features.matrix import SlotCounts, population_priors, slot_features, slot_features_in_blocks
+
+    rng = np.random.default_rng(3)
+    n = 2_345
+    lam = rng.gamma(0.5, 1.0, (n, 1)) * rng.dirichlet(np.ones(24), n) * 24
+    sends = rng.poisson(lam * 2)
+    counts = SlotCounts(user_ids=np.arange(n).astype(str).astype(object), sends=sends,
+                        opened=rng.binomial(sends, 0.12), sessions=rng.poisson(lam),
+                        opens_at=rng.poisson(lam * 0.3), purchases_at=rng.poisson(lam * 0.05))
+    priors = population_priors(counts, cfg, "test")
+    whole, rate = slot_features(SlotCounts(user_ids=counts.user_ids, **{k: getattr(counts, k).astype(np.float64)
+                                                                         for k in ("sends", "opened", "sessions",
+                                                                                   "opens_at", "purchases_at")}),
+                                priors, cfg)
+    for block, threads in ((100_000, 1), (500, 1), (333, 3)):
+        got, got_rate = slot_features_in_blocks(counts, priors, cfg, block=block, threads=threads)
+        assert got.keys() == whole.keys()
+        for name in whole:
+            np.testing.assert_array_equal(got[name], whole[name], err_msg=f"{name} block {block} threads {threads}")
+        np.testing.assert_array_equal(got_rate, rate.ravel() if rate.ndim > 1 else rate)
