@@ -218,7 +218,7 @@ def fit_rhythm_basis(activity: np.ndarray, sends: np.ndarray | None = None, open
                      n_components: int = 6, n_starts: int = 4, iterations: int = 60, min_evidence: float = 30.0,
                      max_fit_users: int = 50_000, rate_pseudo_sends: float = 1.0,
                      user_ids: np.ndarray | None = None, population: str = "",
-                     harmonics: int = 0) -> RhythmBasis:
+                     harmonics: int = 0, threads: int = 1) -> RhythmBasis:
     """The basis of a population from its per-slot evidence (rows: users, columns: slots).
 
     ``activity``: engagement by slot (sessions, purchases; age-weighted counts are fine);
@@ -230,7 +230,8 @@ def fit_rhythm_basis(activity: np.ndarray, sends: np.ndarray | None = None, open
     mean where few sends went (a slot nobody was sent at gets the component's mean rate);
     ``user_ids``: the rows' ids, to pick the fit's users by id (:func:`fit_rows`);
     ``harmonics``: each component's open rates keep this many Fourier harmonics of the slot
-    cycle (0: every slot free).
+    cycle (0: every slot free); ``threads``: starts fitted at once (each on one BLAS thread;
+    the numbers do not depend on it).
     """
     given = sends is not None and opened is not None
     # float64 copies of the fit's users only (at 1M users a whole copy is 200 MB an array)
@@ -252,8 +253,12 @@ def fit_rhythm_basis(activity: np.ndarray, sends: np.ndarray | None = None, open
         flat = np.full((n_starts, n_components, n_slots), 1.0 / n_slots)
         return RhythmBasis(shapes=flat, open_rates=flat * n_slots, prior=np.ones((n_starts, n_components)),
                            overall_rate=overall, population=population)
-    fits = [_fit_one(a, s, o, evidence[rows], n_components, start / n_starts, iterations, min_evidence,
-                     rate_pseudo_sends, overall, harmonics) for start in range(n_starts)]
+    def one_start(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return _fit_one(a, s, o, evidence[rows], n_components, start / n_starts, iterations, min_evidence,
+                        rate_pseudo_sends, overall, harmonics)
+
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max(1, threads)) as pool:
+        fits = list(pool.map(one_start, range(n_starts)))
     return RhythmBasis(shapes=np.stack([f[0] for f in fits]), open_rates=np.stack([f[1] for f in fits]),
                        prior=np.stack([f[2] for f in fits]), overall_rate=overall, population=population)
 
