@@ -106,8 +106,9 @@ def test_a_user_without_evidence_gets_the_prior_mix(planted):
 @pytest.mark.parametrize("shifts", [(0.0,), (-0.5, 0.0, 0.5)])
 def test_deterministic_and_independent_of_the_other_users(planted, shifts):
     data, basis = planted
-    again = fit_rhythm_basis(data["activity"], data["sends"], data["opened"], n_components=3)
+    again = fit_rhythm_basis(data["activity"], data["sends"], data["opened"], n_components=3, threads=3)
     assert np.array_equal(basis.shapes, again.shapes) and np.array_equal(basis.prior, again.prior)
+    assert np.array_equal(basis.open_rates, again.open_rates)
     everyone = rhythm_families(basis, data["activity"], data["sends"], data["opened"], shifts=shifts)
     some = np.array([5, 17, 400, 1499])
     alone = rhythm_families(basis, data["activity"][some], data["sends"][some], data["opened"][some], shifts=shifts)
