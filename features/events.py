@@ -493,6 +493,17 @@ def _utc_offset_sql(con: duckdb.DuckDBPyConnection, default_tz: str) -> str:
     return "CASE timezone " + " ".join(cases) + " END"
 
 
+def _mod(x: str, d: int) -> str:
+    """SQL for x mod d in [0, d): DuckDB's % keeps the sign of x (a time before 1970 would get
+    a negative hour)."""
+    return f"((({x}) % {d} + {d}) % {d})"
+
+
+def _floor_div(x: str, d: int) -> str:
+    """SQL for floor(x / d) on integers (DuckDB's // truncates toward zero)."""
+    return f"((({x}) - {_mod(x, d)}) // {d})"
+
+
 def _finish(con: duckdb.DuckDBPyConnection, default_tz: str, materialize_max_rows: int,
             partition: tuple[int, int] | None = None) -> None:
     # a partition's views hold only its users' rows, so every query (features, labels,
@@ -509,10 +520,10 @@ def _finish(con: duckdb.DuckDBPyConnection, default_tz: str, materialize_max_row
             FROM events e LEFT JOIN users u USING (user_id)
         ),
         o AS (SELECT *, CAST({_utc_offset_sql(con, default_tz)} AS BIGINT) AS _offset FROM e),
-        s AS (SELECT *, epoch_us(ts) // 1000000 + _offset AS _local_s FROM o)
+        s AS (SELECT *, {_floor_div("epoch_us(ts)", 1_000_000)} + _offset AS _local_s FROM o)
         SELECT * EXCLUDE (_local_s, _offset), make_timestamp(epoch_us(ts) + _offset * 1000000) AS local_ts,
-               CAST((_local_s // 3600) % 24 AS BIGINT) AS local_hour,
-               CAST(((_local_s // 86400) + 3) % 7 AS BIGINT) AS local_dow
+               CAST({_mod("_local_s", 86400)} // 3600 AS BIGINT) AS local_hour,
+               CAST({_mod(_floor_div("_local_s", 86400) + " + 3", 7)} AS BIGINT) AS local_dow
         FROM s"""
     )
     n_rows = con.execute("SELECT count(*) FROM events").fetchall()[0][0]

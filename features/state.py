@@ -357,7 +357,8 @@ def _attributed_full(log: EventLog, as_of: datetime, cfg: Config, state: Feature
     decayed = cfg.features.slot_half_life_days > 0
     # with decayed per-slot evidence every send of the log is attributed (no lower bound);
     # the windowed aggregates keep to the history window
-    window_us = int(round(window.total_seconds())) * 1_000_000      # the SQL's window: whole seconds
+    # the SQL's window: whole seconds, rounded as attributed_sends_sql rounds them
+    window_us = int(round(cfg.labels.open_attribution_hours * 3600)) * 1_000_000
     open_floor = "" if decayed else f"AND ts > {sql_ts(since)}"
     send_floor = "" if decayed else f"AND ts > {sql_ts(since - timedelta(microseconds=window_us))}"
     sends = _coded_rows(log, state, f"""SELECT user_id, epoch_us(ts) AS ts, hash(message_id) AS msg,
@@ -539,6 +540,10 @@ def advance(log: EventLog, state: FeatureState, as_of: datetime, cfg: Config) ->
     history, window, longest = _windows(cfg)
     if delta >= history or delta >= timedelta(days=longest):
         raise IncrementalMismatch(f"{delta} since the saved state is longer than the feature windows")
+    if delta + window >= history:
+        # the sends whose outcome may change since T would reach back before the new history
+        raise IncrementalMismatch(f"{delta} since the saved state plus the {window} attribution window "
+                                  f"reach past the {history} history window")
     with log.narrowed(_advance_ranges(old_t, new_t, cfg)):
         moved = _advance(log, state, as_of, cfg)
     log.release_memory()

@@ -11,7 +11,7 @@ import pytest
 
 from features.events import from_frames, open_log
 from features.matrix import build_matrix
-from features.state import advance, build_state, read_state, write_state
+from features.state import IncrementalMismatch, advance, build_state, read_state, write_state
 from serving.incremental import refresh_features
 
 
@@ -218,3 +218,17 @@ def test_the_pooled_families_do_not_depend_on_blocks_or_threads(cfg):
         for name in whole:
             np.testing.assert_array_equal(got[name], whole[name], err_msg=f"{name} block {block} threads {threads}")
         np.testing.assert_array_equal(got_rate, rate.ravel() if rate.ndim > 1 else rate)
+
+
+def test_a_step_whose_sends_reach_past_the_history_is_refused(cfg):
+    """Moving forward re-reads the sends of the attribution window before T; when that window
+    reaches before the new history start (a step of history - window or more), those sends
+    would be counted in the history they left (helper 22's fuzzer: last opened and streak)."""
+    events = pd.DataFrame({"user_id": ["a", "a", "a"], "event": ["send", "open", "session"], "message_id": [None] * 3,
+                           "ts": pd.to_datetime(["2026-03-09 16:00", "2026-03-09 17:00", "2026-06-08 12:00"], utc=True)})
+    log = from_frames(events)
+    t0 = datetime(2026, 3, 10)
+    state = build_state(log, t0, cfg)
+    step = timedelta(days=cfg.features.history_days) - timedelta(hours=cfg.labels.open_attribution_hours / 2)
+    with pytest.raises(IncrementalMismatch, match="attribution window"):
+        advance(log, state, t0 + step, cfg)

@@ -8,6 +8,7 @@ import pytest
 
 from features.events import from_frames
 from features.matrix import build_matrix
+from features.state import build_state
 from tests.conftest import make_events
 from training.labels import churn_labels, open_labels
 
@@ -194,6 +195,25 @@ def test_slots_are_local_hours(cfg):
     share = m.slots["session_share"]
     assert share[m.user_ids.get_loc("a")].argmax() == 8
     assert share[m.user_ids.get_loc("b")].argmax() == 19
+
+
+def test_local_hours_and_days_before_1970(cfg):
+    """DuckDB's // and % truncate toward zero: a time before local 1970-01-01 once got a
+    negative hour (and the features' per-slot arrays an index into another user's row)."""
+    ev = make_events([("a", "1960-03-09 10:30:00", "send"), ("a", "1969-12-31 23:59:59.5", "send"),
+                      ("a", "2026-03-09 10:00:00", "send"), ("a", "2026-03-09 11:00:00", "open"),
+                      ("b", "1970-01-01 00:00:00", "session")])
+    users = pd.DataFrame({"user_id": ["a", "b"], "timezone": ["America/New_York", "Asia/Kolkata"]})
+    log = from_frames(ev, users)
+    got = log.query_df("SELECT local_hour, hour(local_ts) AS hour, local_dow, isodow(local_ts) - 1 AS dow "
+                       "FROM events_local")
+    assert (got["local_hour"] == got["hour"]).all() and (got["local_dow"] == got["dow"]).all()
+    assert sorted(got["local_hour"]) == [5, 5, 6, 7, 18]
+    # every matured send of the log, by local hour (a half-life long enough for 1960 to count)
+    state = build_state(log, datetime(2026, 3, 11), cfg.with_overrides(features={"slot_half_life_days": 100_000}))
+    weights = state.slots["sends_decayed"][list(state.user_ids).index("a")]
+    assert set(np.flatnonzero(weights)) == {5, 6, 18}
+    assert not state.slots["sends_decayed"][list(state.user_ids).index("b")].any()
 
 
 def test_fatigue_and_recency(cfg):
