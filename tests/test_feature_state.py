@@ -232,3 +232,20 @@ def test_a_step_whose_sends_reach_past_the_history_is_refused(cfg):
     step = timedelta(days=cfg.features.history_days) - timedelta(hours=cfg.labels.open_attribution_hours / 2)
     with pytest.raises(IncrementalMismatch, match="attribution window"):
         advance(log, state, t0 + step, cfg)
+
+
+def test_the_full_build_in_ranges_of_users_equals_one_range(sim_dir, cfg, monkeypatch):
+    """build_state counts the log a range of users at a time (PART_EVENTS events each, about
+    20M): ranges of a few thousand events must give every array of one range."""
+    import features.state as state_module
+
+    log = open_log(sim_dir / "events.parquet", sim_dir / "users.parquet")
+    t = log.max_ts() - timedelta(days=2)
+    whole = build_state(log, t, cfg)
+    monkeypatch.setattr(state_module, "PART_EVENTS", 50_000)
+    parts = build_state(log, t, cfg)
+    assert list(parts.user_ids) == list(whole.user_ids)
+    for name, values in whole.scan.items():
+        np.testing.assert_allclose(parts.scan[name], values, rtol=1e-12, err_msg=name)
+    for name, values in whole.slots.items():
+        np.testing.assert_array_equal(parts.slots[name], values, err_msg=name)
