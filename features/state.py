@@ -387,6 +387,8 @@ def _scan_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState,
     with ThreadPoolExecutor(process_cores()) as pool:
         pending: list = []
         for a, b in zip(bounds[:-1], bounds[1:]):
+            if b == a:
+                continue                               # nobody in the range (nobody known yet)
             part = read(int(a), int(b))
             if len(pending) >= 2:
                 pending.pop(0).result()

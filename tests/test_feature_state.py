@@ -249,3 +249,12 @@ def test_the_full_build_in_ranges_of_users_equals_one_range(sim_dir, cfg, monkey
         np.testing.assert_allclose(parts.scan[name], values, rtol=1e-12, err_msg=name)
     for name, values in whole.slots.items():
         np.testing.assert_array_equal(parts.slots[name], values, err_msg=name)
+
+
+def test_a_log_with_nobody_known_yet_gives_an_empty_state(cfg):
+    """Every event and signup after T (helper 23's fuzzer: the coded scan indexed its first user)."""
+    events = pd.DataFrame({"user_id": ["a"], "ts": pd.to_datetime(["2026-03-11"], utc=True), "event": ["send"],
+                           "message_id": [None]})
+    users = pd.DataFrame({"user_id": ["a"], "timezone": ["UTC"], "signup_ts": pd.to_datetime(["2026-03-11"])})
+    state = build_state(from_frames(events, users), datetime(2026, 3, 10), cfg)
+    assert len(state) == 0 and all(len(v) == 0 for v in state.scan.values())
