@@ -167,15 +167,31 @@ def _dense(ids: np.ndarray, frame: pd.DataFrame, column: str, dtype, fill=0) -> 
     return out
 
 
-def _query_pos(log: EventLog, state: FeatureState, sql: str) -> pd.DataFrame:
-    """``sql``'s rows with each user's row in the state (``_pos``) instead of the id: the
-    join runs in DuckDB, so millions of (user, slot) rows never become Python strings."""
-    log.con.register("_universe", pd.DataFrame({"user_id": state.user_ids, "_pos": np.arange(len(state))}))
+def _by_row(log: EventLog, user_ids: np.ndarray, sql: str, fetch, order: str = ""):
+    """``fetch`` of ``sql``'s rows with each user's position in ``user_ids`` (``_pos``) instead
+    of the id: the join runs in DuckDB, so millions of rows never become Python strings."""
+    log.con.register("_universe", pd.DataFrame({"user_id": user_ids, "_pos": np.arange(len(user_ids))}))
     try:
-        return log.query_df(f"SELECT q.* EXCLUDE (user_id), CAST(u._pos AS INTEGER) AS _pos "
-                            f"FROM ({sql}) q JOIN _universe u USING (user_id)")
+        return fetch(log.con.execute(f"SELECT q.* EXCLUDE (user_id), CAST(u._pos AS INTEGER) AS _pos "
+                                     f"FROM ({sql}) q JOIN _universe u USING (user_id)"
+                                     + (f" ORDER BY {order}" if order else "")))
     finally:
         log.con.unregister("_universe")
+
+
+def _query_pos(log: EventLog, state: FeatureState, sql: str) -> pd.DataFrame:
+    """``sql``'s rows as a frame, each user as its row in the state (``_pos``)."""
+    return _by_row(log, state.user_ids, sql, lambda result: result.df())
+
+
+def _coded_rows(log: EventLog, state: FeatureState, sql: str, order: str) -> dict[str, np.ndarray]:
+    """``sql``'s rows as numpy arrays, each user as its row in the state (``_pos``), sorted by ``order``."""
+    return _by_row(log, state.user_ids, sql, lambda result: result.fetchnumpy(), order)
+
+
+def _age_weight(ts: np.ndarray, now_us: int, half_life_us: float) -> np.ndarray:
+    """Each event's weight at ``now_us``: 2^(-age / half-life), as :func:`_weight_sql` in SQL."""
+    return np.exp2((ts - now_us) / half_life_us)
 
 
 def _with_pos(index: pd.Index, frame: pd.DataFrame) -> pd.DataFrame:
@@ -213,7 +229,6 @@ def build_state(log: EventLog, as_of: datetime, cfg: Config) -> FeatureState:
     aggs = _scan_aggregates(cfg)
     ids = _universe_ids(log, as_of)
     state = FeatureState(as_of=as_of, user_ids=ids, fills={name: _dtype_of(agg)[1] for name, agg in aggs})
-    history, window, longest = _windows(cfg)
     _scan_full(log, as_of, cfg, state, aggs)
     stage(f"shared scan and per-slot activity of {len(ids)} users")
     last = _query_pos(log, state, f"""SELECT user_id, epoch_us(max(ts)) AS _last_send,
@@ -230,6 +245,7 @@ def build_state(log: EventLog, as_of: datetime, cfg: Config) -> FeatureState:
     # each user's active days, once (sorted): the recent ones' bits and the whole history's rhythm
     days = _coded_rows(log, state, f"""SELECT DISTINCT user_id, {_EPOCH_DAY} AS day FROM events
         WHERE event IN ({cfg.labels.engagement_sql()}) AND ts <= {sql_ts(as_of)}""", "_pos, day")
+    _, _, longest = _windows(cfg)
     day_of_t = pd.Timestamp(_us(as_of), unit="us").normalize()    # UTC, as the log's ts
     first_day = (day_of_t - pd.Timestamp("1970-01-01")).days - (longest - 1)
     pos, day = days["_pos"], days["day"]
@@ -266,7 +282,8 @@ def _universe_ids(log: EventLog, as_of: datetime) -> np.ndarray:
     return np.asarray(rows["user_id"], dtype=object)
 
 
-# events per part of the full build's coded pass: about 0.6 GB of arrays, two parts in memory
+# events per range of users in the full build's coded pass: about 0.6 GB of arrays each, at
+# most three in memory (one read, two counted)
 PART_EVENTS = 20_000_000
 
 
@@ -312,15 +329,11 @@ def _scan_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState,
 
     def read(a: int, b: int) -> dict[str, np.ndarray]:
         upper = f" AND user_id < {sql_quote(state.user_ids[b])}" if b < n else ""
-        log.con.register("_part", pd.DataFrame({"user_id": state.user_ids[a:b], "_pos": np.arange(b - a)}))
-        try:
-            return log.con.execute(f"""SELECT CAST(u._pos AS INTEGER) AS _pos, epoch_us(e.ts) AS ts,
-                    CAST({pattern} AS BIGINT) AS _p, CAST({slot_expr(cfg.slots.kind)} AS SMALLINT) AS slot,
-                    CAST({kind} AS UTINYINT) AS kind{sums}
-                FROM events_local e JOIN _part u USING (user_id)
-                WHERE e.user_id >= {sql_quote(state.user_ids[a])}{upper} AND e.ts <= {t}""").fetchnumpy()
-        finally:
-            log.con.unregister("_part")
+        return _by_row(log, state.user_ids[a:b], f"""SELECT user_id, epoch_us(ts) AS ts,
+                CAST({pattern} AS BIGINT) AS _p, CAST({slot_expr(cfg.slots.kind)} AS SMALLINT) AS slot,
+                CAST({kind} AS UTINYINT) AS kind{sums}
+            FROM events_local WHERE user_id >= {sql_quote(state.user_ids[a])}{upper} AND ts <= {t}""",
+                       lambda result: result.fetchnumpy())
 
     def count(a: int, b: int, r: dict[str, np.ndarray]) -> None:
         users, rows = b - a, slice(a, b)
@@ -348,7 +361,7 @@ def _scan_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState,
 
         counts = by_window(None)
         sums = {e: by_window(r[f"_s{i}"]) for i, e in enumerate(exprs)}
-        weighed = {h: np.bincount(key, np.exp2((ts - now) / (h.total_seconds() * 1e6)), minlength=k * users)
+        weighed = {h: np.bincount(key, _age_weight(ts, now, h.total_seconds() * 1e6), minlength=k * users)
                    .reshape(k, users) for h in half_lives}
         latest = np.full(k * users, NONE_LATE, dtype=np.int64)
         earliest = np.full(k * users, NONE_EARLY, dtype=np.int64)
@@ -375,7 +388,7 @@ def _scan_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState,
                 out[rows] = earliest[meets].min(axis=0)
         cell = pos.astype(np.int64) * n_slots + r["slot"]
         recent = ts > recent_from
-        weight = np.exp2((ts - now) / slot_half_life) if slot_half_life else None
+        weight = _age_weight(ts, now, slot_half_life) if slot_half_life else None
         for code, (name, _) in enumerate(kinds, start=1):
             hit = r["kind"] == code
             state.slots[name][rows] = np.bincount(cell[hit & recent], minlength=users * n_slots).reshape(users, n_slots)
@@ -502,7 +515,7 @@ def _attributed_full(log: EventLog, as_of: datetime, cfg: Config, state: Feature
         state.slots["sends"][rows] = np.bincount(cell[counted], minlength=width).reshape(b - a, n_slots)
         state.slots["opened"][rows] = np.bincount(cell[counted & opened], minlength=width).reshape(b - a, n_slots)
         if decayed:
-            weight = np.exp2((ts[grown] - t_now) / half_life_us)
+            weight = _age_weight(ts[grown], t_now, half_life_us)
             grown_cell, grown_opened = cell[grown], opened[grown]
             state.slots["sends" + DECAYED][rows] = np.bincount(
                 grown_cell, weight, minlength=width).reshape(b - a, n_slots)
@@ -527,16 +540,6 @@ def _attributed_full(log: EventLog, as_of: datetime, cfg: Config, state: Feature
     with ThreadPoolExecutor(process_cores()) as pool:
         list(pool.map(block, range(0, n, per_block)))
     stage("flags and counts")
-
-
-def _coded_rows(log: EventLog, state: FeatureState, sql: str, order: str) -> dict[str, np.ndarray]:
-    """``sql``'s rows as numpy arrays, each user as its row in the state (``_pos``), sorted by ``order``."""
-    log.con.register("_universe", pd.DataFrame({"user_id": state.user_ids, "_pos": np.arange(len(state))}))
-    try:
-        return log.con.execute(f"SELECT q.* EXCLUDE (user_id), CAST(u._pos AS INTEGER) AS _pos "
-                               f"FROM ({sql}) q JOIN _universe u USING (user_id) ORDER BY {order}").fetchnumpy()
-    finally:
-        log.con.unregister("_universe")
 
 
 def _matured_floor(as_of: datetime, cfg: Config, days: int) -> datetime:
@@ -775,7 +778,7 @@ def _attributed_advance(log: EventLog, moved: FeatureState, old_t: datetime, new
     if cfg.features.slot_half_life_days and len(add):
         # newly matured sends at their weight as of T' (the old ones were decayed already)
         h_us = cfg.features.slot_half_life_days * US_PER_DAY
-        weight = np.exp2((add["ts"].to_numpy(np.float64) - _us(new_t)) / h_us)
+        weight = _age_weight(add["ts"].to_numpy(np.float64), _us(new_t), h_us)
         pos, slot = add["_pos"].to_numpy(), add["slot"].to_numpy().astype(np.int64)
         opened = add["opened"].to_numpy(dtype=bool)
         sends, got = moved.slots["sends" + DECAYED], moved.slots["opened" + DECAYED]
