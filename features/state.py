@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from configs import Config, SendtimeError, write_atomic
+from configs import EVENT_NAMES, Config, SendtimeError, write_atomic
 from features.attribution import attributed_sends_sql, opened_flags, slot_expr
 from features.events import EventLog, process_cores, sql_quote, sql_ts
 from features.families import (
@@ -184,11 +184,6 @@ def _query_pos(log: EventLog, state: FeatureState, sql: str) -> pd.DataFrame:
     return _by_row(log, state.user_ids, sql, lambda result: result.df())
 
 
-def _coded_rows(log: EventLog, state: FeatureState, sql: str, order: str) -> dict[str, np.ndarray]:
-    """``sql``'s rows as numpy arrays, each user as its row in the state (``_pos``), sorted by ``order``."""
-    return _by_row(log, state.user_ids, sql, lambda result: result.fetchnumpy(), order)
-
-
 def _age_weight(ts: np.ndarray, now_us: int, half_life_us: float) -> np.ndarray:
     """Each event's weight at ``now_us``: 2^(-age / half-life), as :func:`_weight_sql` in SQL."""
     return np.exp2((ts - now_us) / half_life_us)
@@ -230,7 +225,7 @@ def build_state(log: EventLog, as_of: datetime, cfg: Config) -> FeatureState:
     ids = _universe_ids(log, as_of)
     state = FeatureState(as_of=as_of, user_ids=ids, fills={name: _dtype_of(agg)[1] for name, agg in aggs})
     _scan_full(log, as_of, cfg, state, aggs)
-    stage(f"shared scan and per-slot activity of {len(ids)} users")
+    stage(f"shared scan, per-slot activity, attributed sends and active days of {len(ids)} users")
     last = _query_pos(log, state, f"""SELECT user_id, epoch_us(max(ts)) AS _last_send,
             arg_max(channel, ts) AS _last_send_channel FROM events
         WHERE event = 'send' AND ts <= {sql_ts(as_of)} GROUP BY user_id""")
@@ -240,22 +235,6 @@ def build_state(log: EventLog, as_of: datetime, cfg: Config) -> FeatureState:
                                      "_last_send_channel", object, None)
     del last
     stage("last sends")
-    _attributed_full(log, as_of, cfg, state)
-    stage("attributed sends")
-    # each user's active days, once (sorted): the recent ones' bits and the whole history's rhythm
-    days = _coded_rows(log, state, f"""SELECT DISTINCT user_id, {_EPOCH_DAY} AS day FROM events
-        WHERE event IN ({cfg.labels.engagement_sql()}) AND ts <= {sql_ts(as_of)}""", "_pos, day")
-    _, _, longest = _windows(cfg)
-    day_of_t = pd.Timestamp(_us(as_of), unit="us").normalize()    # UTC, as the log's ts
-    first_day = (day_of_t - pd.Timestamp("1970-01-01")).days - (longest - 1)
-    pos, day = days["_pos"], days["day"]
-    recent = day >= first_day
-    state.active = np.zeros((len(ids), longest), dtype=np.uint8)
-    state.active[pos[recent], day[recent] - first_day] = 1
-    stage("active days")
-    state.rhythm = _rhythm_of_days(pos, day, len(ids))
-    del days, pos, day
-    stage("rhythm")
     _reach_full(log, as_of, state)
     stage("reachability")
     log.release_memory()
@@ -282,15 +261,15 @@ def _universe_ids(log: EventLog, as_of: datetime) -> np.ndarray:
     return np.asarray(rows["user_id"], dtype=object)
 
 
-# events per range of users in the full build's coded pass: about 0.6 GB of arrays each, at
+# events per range of users in the full build's coded pass: about 0.8 GB of arrays each, at
 # most three in memory (one read, two counted)
 PART_EVENTS = 20_000_000
 
 
 def _scan_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState,
                aggs: list[tuple[str, Count | Sum | Last | First | Ever | Decayed]]) -> None:
-    """The shared scan's aggregates and the per-slot activity as of T, from one pass over the
-    log a range of users at a time.
+    """The shared scan's aggregates, the per-slot activity, the attributed sends and the active
+    days as of T, from one pass over the log a range of users at a time.
 
     Each event comes out of DuckDB as integers: its user's row in the range, µs, its slot, its
     kind, and a bit pattern of the scan conditions it meets (each condition is still the
@@ -299,8 +278,11 @@ def _scan_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState,
     holding them) is at most its own; sums and age weights are weighted ``bincount``s; last and
     first times are ``maximum.at`` / ``minimum.at``. At 1M users this is about a third of the
     cost of one GROUP BY with a FILTER per aggregate plus a second for the activity, with the
-    same counts and times (sums equal to float rounding). The numpy of one range runs while
-    DuckDB reads the next."""
+    same counts and times (sums equal to float rounding). The same rows carry what the open
+    attribution (:func:`_attributed_counter`: a hash of the message id) and the active days
+    (:func:`_active_days_counter`) need, so neither reads the log again (at 1M users their
+    own reads had cost 12.6 and 10 s). The numpy of one range runs while DuckDB reads the
+    next."""
     t, now = sql_ts(as_of), _us(as_of)
     conditions = list(dict.fromkeys(agg.condition for _, agg in aggs))
     if len(conditions) > 62:          # one BIGINT of bits
@@ -317,12 +299,17 @@ def _scan_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState,
         dtype, fill = _dtype_of(agg)
         state.scan[name] = np.full(n, fill, dtype=dtype)
     kinds = (("sessions", "session"), ("opens_at", "open"), ("purchases_at", "purchase"))
+    code = {e: i + 1 for i, e in enumerate(EVENT_NAMES)}      # each event's kind as a small integer
+    engaging = np.zeros(len(code) + 1, dtype=bool)
+    engaging[[code[e] for e in cfg.labels.engagement_events]] = True
     for name, _ in kinds:
         state.slots[name] = np.zeros((n, n_slots), dtype=np.int32)
         if slot_half_life:
             state.slots[name + DECAYED] = np.zeros((n, n_slots), dtype=DECAYED_DTYPE)
     pattern = " + ".join(f"CASE WHEN {c} THEN {b} ELSE 0 END" for c, b in bit.items())
-    kind = "CASE event " + " ".join(f"WHEN '{e}' THEN {i + 1}" for i, (_, e) in enumerate(kinds)) + " ELSE 0 END"
+    kind = "CASE event " + " ".join(f"WHEN '{e}' THEN {c}" for e, c in code.items()) + " ELSE 0 END"
+    attribute = _attributed_counter(as_of, cfg, state)
+    mark_days = _active_days_counter(as_of, cfg, state)
     sums = "".join(f", coalesce(CAST({e} AS DOUBLE), 0.0) AS _s{i}" for i, e in enumerate(exprs))
     events = log.con.execute(f"SELECT count(*) FROM events WHERE ts <= {t}").fetchall()[0][0]
     bounds = np.linspace(0, n, max(1, -(-events // PART_EVENTS)) + 1).astype(int)
@@ -331,11 +318,12 @@ def _scan_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState,
         upper = f" AND user_id < {sql_quote(state.user_ids[b])}" if b < n else ""
         return _by_row(log, state.user_ids[a:b], f"""SELECT user_id, epoch_us(ts) AS ts,
                 CAST({pattern} AS BIGINT) AS _p, CAST({slot_expr(cfg.slots.kind)} AS SMALLINT) AS slot,
-                CAST({kind} AS UTINYINT) AS kind{sums}
+                CAST({kind} AS UTINYINT) AS kind, hash(message_id) AS _msg,
+                message_id IS NOT NULL AS _has_msg{sums}
             FROM events_local WHERE user_id >= {sql_quote(state.user_ids[a])}{upper} AND ts <= {t}""",
                        lambda result: result.fetchnumpy())
 
-    def count(a: int, b: int, r: dict[str, np.ndarray]) -> None:
+    def aggregate(a: int, b: int, r: dict[str, np.ndarray]) -> None:
         users, rows = b - a, slice(a, b)
         pos, ts, pattern = r["_pos"], r["ts"], r["_p"]
         # the events' distinct condition patterns (a handful: one per kind of event), numbered
@@ -389,12 +377,29 @@ def _scan_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState,
         cell = pos.astype(np.int64) * n_slots + r["slot"]
         recent = ts > recent_from
         weight = _age_weight(ts, now, slot_half_life) if slot_half_life else None
-        for code, (name, _) in enumerate(kinds, start=1):
-            hit = r["kind"] == code
+        for name, event in kinds:
+            hit = r["kind"] == code[event]
             state.slots[name][rows] = np.bincount(cell[hit & recent], minlength=users * n_slots).reshape(users, n_slots)
             if weight is not None:
                 state.slots[name + DECAYED][rows] = np.bincount(
                     cell[hit], weight[hit], minlength=users * n_slots).reshape(users, n_slots)
+
+    def count(a: int, b: int, r: dict[str, np.ndarray]) -> None:
+        # one step after the other, each dropping what the next does not read: a range's
+        # temporaries are a few times its events, and two ranges are counted at once
+        aggregate(a, b, r)
+        for column in [c for c in r if c == "_p" or c.startswith("_s")]:
+            del r[column]
+        pos, ts, kind = r["_pos"], r["ts"], r["kind"]
+        # the sends and opens of these users, for the open attribution (rows are global)
+        sends, opens = kind == code["send"], kind == code["open"]
+        attribute(a, b, {"_pos": pos[sends] + np.int64(a), "ts": ts[sends], "msg": r["_msg"][sends],
+                         "has_msg": r["_has_msg"][sends], "slot": r["slot"][sends]},
+                  {"_pos": pos[opens] + np.int64(a), "ts": ts[opens], "msg": r["_msg"][opens],
+                   "has_msg": r["_has_msg"][opens]})
+        del sends, opens, r["_msg"], r["_has_msg"], r["slot"]
+        engaged = engaging[kind]
+        mark_days(a, b, pos[engaged] + np.int64(a), ts[engaged])
 
     # DuckDB reads a range while numpy counts the ones before it (three ranges in memory at most)
     with ThreadPoolExecutor(process_cores()) as pool:
@@ -449,35 +454,24 @@ def _activity_sql(cfg: Config, parts: list[tuple[datetime, datetime, int]]) -> s
         GROUP BY ALL"""
 
 
-def _attributed_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState) -> None:
-    """The attributed sends' aggregates as of T: per-slot counts (and age weights) of the
-    matured sends, and per user the last opened send, the streak since it, the history's
-    sends and the matured windows' counts.
+def _attributed_counter(as_of: datetime, cfg: Config, state: FeatureState):
+    """The attributed sends' aggregates as of T, a range of users at a time: per-slot counts
+    (and age weights) of the matured sends, and per user the last opened send, the streak since
+    it, the history's sends and the matured windows' counts.
 
-    The log's sends and opens come out of DuckDB once as integer arrays (each user's row in
-    the state, µs, a hash of the message id) sorted by user and time, and the flags and
-    counts are worked out in numpy, a block of users at a time: the SQL definition as a
-    join of every send with the opens costs 4-5x as much at 1M users, and a 51M-row table.
+    Allocates them in ``state`` and returns ``count(a, b, sends, opens)``, which fills the rows
+    of users [a, b) from their sends (``_pos`` the user's row, ``ts`` µs, ``msg`` a hash of the
+    message id, ``has_msg``, ``slot``; sorted by user and time) and opens (the same but the
+    slot; sorted by user), each of times up to T. The flags are :func:`opened_flags` (the SQL
+    definition as a join of every send with the opens cost 4-5x as much at 1M users, and a
+    51M-row table), the counts ``bincount``s; users of different ranges never share a send.
     """
-    stage = stage_timer(f"attributed sends as of {as_of}")
     history, window, _ = _windows(cfg)
-    n_slots = cfg.slots.n_slots
+    n, n_slots = len(state), cfg.slots.n_slots
     since, matured = as_of - history, as_of - window
     decayed = cfg.features.slot_half_life_days > 0
-    # with decayed per-slot evidence every send of the log is attributed (no lower bound);
-    # the windowed aggregates keep to the history window
     # the SQL's window: whole seconds, rounded as attributed_sends_sql rounds them
     window_us = int(round(cfg.labels.open_attribution_hours * 3600)) * 1_000_000
-    open_floor = "" if decayed else f"AND ts > {sql_ts(since)}"
-    send_floor = "" if decayed else f"AND ts > {sql_ts(since - timedelta(microseconds=window_us))}"
-    sends = _coded_rows(log, state, f"""SELECT user_id, epoch_us(ts) AS ts, hash(message_id) AS msg,
-            message_id IS NOT NULL AS has_msg, CAST({slot_expr(cfg.slots.kind)} AS SMALLINT) AS slot
-        FROM events_local WHERE event = 'send' AND ts <= {sql_ts(as_of)} {send_floor}""", "_pos, ts")
-    opens = _coded_rows(log, state, f"""SELECT user_id, epoch_us(ts) AS ts, hash(message_id) AS msg,
-            message_id IS NOT NULL AS has_msg
-        FROM events WHERE event = 'open' AND ts <= {sql_ts(as_of)} {open_floor}""", "_pos")
-    stage(f"{len(sends['ts'])} sends and {len(opens['ts'])} opens read")
-    n = len(state)
     for name in ("sends", "opened"):
         state.slots[name] = np.zeros((n, n_slots), dtype=np.int32)
         if decayed:
@@ -491,12 +485,14 @@ def _attributed_full(log: EventLog, as_of: datetime, cfg: Config, state: Feature
         state.matured[f"matured_opened_{d}d"] = np.zeros(n, dtype=np.int64)
     t_since, t_matured, t_now = _us(since), _us(matured), _us(as_of)
     half_life_us = cfg.features.slot_half_life_days * US_PER_DAY
-    # blocks of users (small enough for one bincount over their (user, slot) cells) on the
-    # process's cores: each writes its own rows, and numpy lets go of the GIL in these loops
+    # with decayed per-slot evidence every send of the log is attributed (no lower bound);
+    # else only what the history window's flags need: the SQL's (since - window, T] and (since, T]
+    send_floor = None if decayed else t_since - window_us
+    open_floor = None if decayed else t_since
+    # blocks small enough for one bincount over their (user, slot) cells
     per_block = max(1, min(100_000, 2**24 // n_slots))
 
-    def block(a: int) -> None:
-        b = min(n, a + per_block)
+    def block(a: int, b: int, sends: dict[str, np.ndarray], opens: dict[str, np.ndarray]) -> None:
         s0, s1 = np.searchsorted(sends["_pos"], [a, b])
         o0, o1 = np.searchsorted(opens["_pos"], [a, b])
         pos, ts = sends["_pos"][s0:s1], sends["ts"][s0:s1]
@@ -537,9 +533,62 @@ def _attributed_full(log: EventLog, as_of: datetime, cfg: Config, state: Feature
             state.matured[f"matured_sends_{d}d"][rows] = np.bincount(pos[inside], minlength=users)
             state.matured[f"matured_opened_{d}d"][rows] = np.bincount(pos[inside & opened], minlength=users)
 
-    with ThreadPoolExecutor(process_cores()) as pool:
-        list(pool.map(block, range(0, n, per_block)))
-    stage("flags and counts")
+    def count(a: int, b: int, sends: dict[str, np.ndarray], opens: dict[str, np.ndarray]) -> None:
+        if send_floor is not None:
+            sends = _rows_where(sends, sends["ts"] > send_floor)
+            opens = _rows_where(opens, opens["ts"] > open_floor)
+        sends = _rows_where(sends, _by_user_and_time(sends["_pos"], sends["ts"]))
+        opens = _rows_where(opens, np.argsort(opens["_pos"], kind="stable"))
+        for start in range(a, b, per_block):
+            block(start, min(b, start + per_block), sends, opens)
+
+    return count
+
+
+def _rows_where(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The same columns at ``rows`` (a mask or positions)."""
+    return {k: v[rows] for k, v in arrays.items()}
+
+
+def _by_user_and_time(pos: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """The order of rows sorted by (user row, time): one argsort of both folded into an int64
+    when they fit in one (a log of up to a few years per range of users), else a lexsort."""
+    if not len(ts):
+        return np.zeros(0, dtype=np.int64)
+    t0, span = int(ts.min()), int(ts.max()) - int(ts.min()) + 1
+    if (int(pos.max()) + 1) * span < 2**63:
+        return np.argsort(pos.astype(np.int64) * span + (ts - t0), kind="stable")
+    return np.lexsort((ts, pos))
+
+
+def _active_days_counter(as_of: datetime, cfg: Config, state: FeatureState):
+    """Each user's active days (UTC dates with an engagement event up to T): the bits of the
+    last ``longest`` days and the whole history's rhythm (:func:`_rhythm_of_days`). Allocates
+    them and returns ``count(a, b, pos, ts)`` filling users [a, b) from their engagement
+    events (``pos`` the user's row, ``ts`` µs)."""
+    _, _, longest = _windows(cfg)
+    n = len(state)
+    first_day = _us(as_of) // US_PER_DAY - (longest - 1)      # the UTC date of T, as the log's ts
+    state.active = np.zeros((n, longest), dtype=np.uint8)
+    state.rhythm = {"n": np.zeros(n, dtype=np.int32), "first": np.full(n, -1, dtype=np.int32),
+                    "last": np.full(n, -1, dtype=np.int32), "sq": np.zeros(n, dtype=np.int64)}
+
+    def count(a: int, b: int, pos: np.ndarray, ts: np.ndarray) -> None:
+        if not len(ts):
+            return
+        day = ts // US_PER_DAY            # floor: a date before 1970 too, as CAST(ts AS DATE)
+        d0 = int(day.min())
+        span = int(day.max()) - d0 + 1
+        # each (user, day) once, sorted (np.unique hashes int64 keys: 50x a sort's time here)
+        key = np.sort((pos.astype(np.int64) - a) * span + (day - d0))
+        key = key[np.r_[True, key[1:] != key[:-1]]]
+        pos, day = key // span, key % span + d0
+        recent = day >= first_day
+        state.active[a + pos[recent], day[recent] - first_day] = 1
+        for name, values in _rhythm_of_days(pos, day, b - a).items():
+            state.rhythm[name][a:b] = values
+
+    return count
 
 
 def _matured_floor(as_of: datetime, cfg: Config, days: int) -> datetime:

@@ -236,7 +236,8 @@ def test_a_step_whose_sends_reach_past_the_history_is_refused(cfg):
 
 def test_the_full_build_in_ranges_of_users_equals_one_range(sim_dir, cfg, monkeypatch):
     """build_state counts the log a range of users at a time (PART_EVENTS events each, about
-    20M): ranges of a few thousand events must give every array of one range."""
+    20M), the open attribution and the active days included: ranges of a few thousand events
+    must give every array of one range."""
     import features.state as state_module
 
     log = open_log(sim_dir / "events.parquet", sim_dir / "users.parquet")
@@ -249,6 +250,12 @@ def test_the_full_build_in_ranges_of_users_equals_one_range(sim_dir, cfg, monkey
         np.testing.assert_allclose(parts.scan[name], values, rtol=1e-12, err_msg=name)
     for name, values in whole.slots.items():
         np.testing.assert_array_equal(parts.slots[name], values, err_msg=name)
+    for group in ("matured", "rhythm"):
+        for name, values in getattr(whole, group).items():
+            np.testing.assert_array_equal(getattr(parts, group)[name], values, err_msg=f"{group} {name}")
+    for name in ("active", "last_opened", "streak", "history_sends", "last_send", "unreachable"):
+        np.testing.assert_array_equal(getattr(parts, name), getattr(whole, name), err_msg=name)
+    assert whole.active.any() and (whole.history_sends > 0).any() and (whole.rhythm["n"] > 1).any()
 
 
 def test_a_log_with_nobody_known_yet_gives_an_empty_state(cfg):
