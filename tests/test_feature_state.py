@@ -265,3 +265,27 @@ def test_a_log_with_nobody_known_yet_gives_an_empty_state(cfg):
     users = pd.DataFrame({"user_id": ["a"], "timezone": ["UTC"], "signup_ts": pd.to_datetime(["2026-03-11"])})
     state = build_state(from_frames(events, users), datetime(2026, 3, 10), cfg)
     assert len(state) == 0 and all(len(v) == 0 for v in state.scan.values())
+
+
+def test_a_scan_condition_on_more_than_the_event_name_is_counted_in_sql(sim_dir, cfg, monkeypatch):
+    """The coded scan looks up conditions of the event name alone by kind; one that reads
+    another column (a purchase's value) is evaluated per event in SQL, and counts right."""
+    import features.state as state_module
+    from features.families import Count
+
+    log = open_log(sim_dir / "events.parquet", sim_dir / "users.parquet")
+    assert state_module._of_event_name(log, "event IN ('open', 'click')", ["send", "open", "click"]) == {
+        "send": False, "open": True, "click": True}
+    assert state_module._of_event_name(log, "event = 'purchase' AND value > 20", ["purchase"]) is None
+    t = log.max_ts() - timedelta(days=2)
+    usual = state_module._scan_aggregates
+    big = Count("event = 'purchase' AND value > 20", timedelta(days=30))
+    monkeypatch.setattr(state_module, "_scan_aggregates", lambda c: [*usual(c), ("big_purchases_30d", big)])
+    state = build_state(log, t, cfg)
+    events = pd.read_parquet(sim_dir / "events.parquet")
+    ts = pd.to_datetime(events["ts"], utc=True).dt.tz_localize(None)
+    inside = (events["event"] == "purchase") & (events["value"] > 20) & (ts <= t) & (ts > t - timedelta(days=30))
+    expected = events[inside].groupby("user_id").size().reindex(state.user_ids, fill_value=0).to_numpy()
+    assert expected.sum() > 0
+    np.testing.assert_array_equal(state.scan["big_purchases_30d"], expected)
+    np.testing.assert_array_equal(state.scan["purchases_30d"] >= expected, True)
