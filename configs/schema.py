@@ -113,6 +113,18 @@ class FeatureConfig(_Frozen):
     duckdb_memory_limit: str = ""
     max_attribute_levels: int = Field(gt=1)
 
+    @field_validator("frequency_windows_days", "fatigue_windows_hours", "decay_half_lives_days")
+    @classmethod
+    def _windows_once_each(cls, value: tuple, info) -> tuple:
+        # each names a column (purchases_30d, opens_decayed_60d): twice would be one column
+        # counted twice over when the feature state moves forward
+        twice = sorted({v for v in value if value.count(v) > 1})
+        if twice:
+            raise ValueError(f"features.{info.field_name} lists {twice} more than once; got {list(value)}")
+        if any(v <= 0 for v in value):
+            raise ValueError(f"features.{info.field_name} must be positive; got {list(value)}")
+        return value
+
     @field_validator("rhythm_shifts")
     @classmethod
     def _shifts_include_none(cls, value: tuple[float, ...]) -> tuple[float, ...]:

@@ -227,8 +227,10 @@ def build_state(log: EventLog, as_of: datetime, cfg: Config) -> FeatureState:
     state = FeatureState(as_of=as_of, user_ids=ids, fills={name: _dtype_of(agg)[1] for name, agg in aggs})
     _scan_full(log, as_of, cfg, state, aggs)
     stage(f"shared scan, per-slot activity, attributed sends and active days of {len(ids)} users")
+    # the latest send's channel, none included (arg_max would skip a send without one and
+    # name an older send's channel, which the moved-forward state cannot know)
     last = _query_pos(log, state, f"""SELECT user_id, epoch_us(max(ts)) AS _last_send,
-            arg_max(channel, ts) AS _last_send_channel FROM events
+            arg_max_null(channel, ts) AS _last_send_channel FROM events
         WHERE event = 'send' AND ts <= {sql_ts(as_of)} GROUP BY user_id""")
     state.last_send = _dense(ids, last, "_last_send", np.int64, NONE_LATE)
     channel = last["_last_send_channel"].astype(object)
@@ -286,9 +288,7 @@ def _scan_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState,
     next."""
     t, now = sql_ts(as_of), _us(as_of)
     conditions = list(dict.fromkeys(agg.condition for _, agg in aggs))
-    if len(conditions) > 62:          # one BIGINT of bits
-        raise ValueError(f"{len(conditions)} distinct scan conditions: at most 62")
-    bit = {c: 1 << i for i, c in enumerate(conditions)}
+    bit = _condition_bits(conditions)
     exprs = list(dict.fromkeys(agg.expr for _, agg in aggs if isinstance(agg, Sum)))
     windows = sorted({agg.window for _, agg in aggs if isinstance(agg, Count | Sum) and agg.window is not None})
     cutoffs = [now - int(w.total_seconds()) * 1_000_000 for w in windows]
@@ -300,25 +300,14 @@ def _scan_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState,
         dtype, fill = _dtype_of(agg)
         state.scan[name] = np.full(n, fill, dtype=dtype)
     kinds = (("sessions", "session"), ("opens_at", "open"), ("purchases_at", "purchase"))
-    code = {e: i + 1 for i, e in enumerate(EVENT_NAMES)}      # each event's kind as a small integer
+    coded = _CodedConditions(log, conditions)
+    code = _KIND_CODE
     engaging = np.zeros(len(code) + 1, dtype=bool)
     engaging[[code[e] for e in cfg.labels.engagement_events]] = True
     for name, _ in kinds:
         state.slots[name] = np.zeros((n, n_slots), dtype=np.int32)
         if slot_half_life:
             state.slots[name + DECAYED] = np.zeros((n, n_slots), dtype=DECAYED_DTYPE)
-    kind = "CASE event " + " ".join(f"WHEN '{e}' THEN {c}" for e, c in code.items()) + " ELSE 0 END"
-    # a condition of the event's name alone (most are) is looked up by kind instead of
-    # evaluated on every event (a quarter of the read's time at 1M users); the rest stay SQL
-    by_kind = np.zeros(len(code) + 1, dtype=np.int64)
-    per_event = []
-    for condition, value in bit.items():
-        meets = _of_event_name(log, condition, list(code))
-        if meets is None:
-            per_event.append(f"CASE WHEN {condition} THEN {value} ELSE 0 END")
-        else:
-            by_kind[[code[e] for e, yes in meets.items() if yes]] |= value
-    pattern = f", CAST({' + '.join(per_event)} AS BIGINT) AS _p" if per_event else ""
     attribute = _attributed_counter(as_of, cfg, state)
     mark_days = _active_days_counter(as_of, cfg, state)
     sums = "".join(f", coalesce(CAST({e} AS DOUBLE), 0.0) AS _s{i}" for i, e in enumerate(exprs))
@@ -328,16 +317,15 @@ def _scan_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState,
     def read(a: int, b: int) -> dict[str, np.ndarray]:
         upper = f" AND user_id < {sql_quote(state.user_ids[b])}" if b < n else ""
         return _by_row(log, state.user_ids[a:b], f"""SELECT user_id, epoch_us(ts) AS ts,
-                CAST({slot_expr(cfg.slots.kind)} AS SMALLINT) AS slot{pattern},
-                CAST({kind} AS UTINYINT) AS kind, hash(message_id) AS _msg,
-                message_id IS NOT NULL AS _has_msg{sums}
+                CAST({slot_expr(cfg.slots.kind)} AS SMALLINT) AS slot{coded.columns},
+                hash(message_id) AS _msg, message_id IS NOT NULL AS _has_msg{sums}
             FROM events_local WHERE user_id >= {sql_quote(state.user_ids[a])}{upper} AND ts <= {t}""",
                        lambda result: result.fetchnumpy())
 
     def aggregate(a: int, b: int, r: dict[str, np.ndarray]) -> None:
         users, rows = b - a, slice(a, b)
         pos, ts = r["_pos"], r["ts"]
-        pattern = by_kind[r["kind"]] | r["_p"] if "_p" in r else by_kind[r["kind"]]
+        pattern = coded.pattern(r)
         # the events' distinct condition patterns (a handful: one per kind of event), numbered
         if len(bit) <= 16:
             seen = np.flatnonzero(np.bincount(pattern, minlength=1 << len(bit)))
@@ -426,6 +414,42 @@ def _scan_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState,
             del part
         for job in pending:
             job.result()
+
+
+# each event's kind as a small integer in the coded rows (0: none, never met in a validated log)
+_KIND_CODE = {e: i + 1 for i, e in enumerate(EVENT_NAMES)}
+
+
+def _condition_bits(conditions: list[str]) -> dict[str, int]:
+    if len(conditions) > 62:          # one BIGINT of bits
+        raise ValueError(f"{len(conditions)} distinct scan conditions: at most 62")
+    return {c: 1 << i for i, c in enumerate(conditions)}
+
+
+class _CodedConditions:
+    """The scan conditions as one bit each per coded event row: a condition of the event's
+    name alone (all of today's families) is looked up by the row's kind instead of evaluated
+    on every event (a quarter of the read's time at 1M users); the rest stay SQL, summed into
+    one BIGINT column. ``columns``: what the read selects (the kind and that pattern)."""
+
+    def __init__(self, log: EventLog, conditions: list[str]) -> None:
+        bit = _condition_bits(conditions)
+        self.by_kind = np.zeros(len(_KIND_CODE) + 1, dtype=np.int64)
+        per_event = []
+        for condition, value in bit.items():
+            meets = _of_event_name(log, condition, list(_KIND_CODE))
+            if meets is None:
+                per_event.append(f"CASE WHEN {condition} THEN {value} ELSE 0 END")
+            else:
+                self.by_kind[[_KIND_CODE[e] for e, yes in meets.items() if yes]] |= value
+        kind = "CASE event " + " ".join(f"WHEN '{e}' THEN {c}" for e, c in _KIND_CODE.items()) + " ELSE 0 END"
+        self.columns = f", CAST({kind} AS UTINYINT) AS kind" + (
+            f", CAST({' + '.join(per_event)} AS BIGINT) AS _p" if per_event else "")
+
+    def pattern(self, rows: dict[str, np.ndarray]) -> np.ndarray:
+        """Each row's bits (``rows``: a read's arrays, with ``kind`` and maybe ``_p``)."""
+        looked_up = self.by_kind[rows["kind"]]
+        return looked_up | rows["_p"] if "_p" in rows else looked_up
 
 
 def _of_event_name(log: EventLog, condition: str, names: list[str]) -> dict[str, bool] | None:
@@ -662,19 +686,23 @@ def _rhythm_advance(log: EventLog, moved: FeatureState, old_t: datetime, new_t: 
         return
     r = moved.rhythm
     pos, day = rows["_pos"].to_numpy(np.int64), rows["day"].to_numpy(np.int64)
-    keep = day > r["last"][pos]          # the day of T may already be counted
-    pos, day = pos[keep], day[keep]
+    # "no day yet" is n == 0: first and last are -1 then, but a day before 1970 is negative too
+    seen = r["n"][pos] > 0
+    keep = ~seen | (day > r["last"][pos])          # the day of T may already be counted
+    pos, day, seen = pos[keep], day[keep], seen[keep]
+    if not len(pos):
+        return
     order = np.lexsort((day, pos))
-    pos, day = pos[order], day[order]
+    pos, day, seen = pos[order], day[order], seen[order]
     same = np.r_[False, pos[1:] == pos[:-1]]
     prev = np.where(same, np.r_[0, day[:-1]], r["last"][pos])
-    gap = np.where(prev >= 0, day - prev, 0)
+    gap = np.where(same | seen, day - prev, 0)
     np.add.at(r["n"], pos, 1)
     np.add.at(r["sq"], pos, gap * gap)
-    first = r["first"]
-    start = ~same & (first[pos] < 0)
-    first[pos[start]] = day[start]
-    np.maximum.at(r["last"], pos, day.astype(r["last"].dtype))
+    start = ~same & ~seen
+    r["first"][pos[start]] = day[start]
+    last = ~np.r_[same[1:], False]                     # each user's latest new day
+    r["last"][pos[last]] = day[last]
 
 
 def _reach_full(log: EventLog, as_of: datetime, state: FeatureState) -> None:
@@ -726,10 +754,7 @@ def _advance_ranges(old_t: datetime, new_t: datetime, cfg: Config) -> list[tuple
     """Every (a, b] of event times :func:`_advance` reads (a send's flag looks a window
     before and after it; see :func:`features.attribution.attributed_sends_sql`)."""
     history, window, _ = _windows(cfg)
-    slides: list[tuple[datetime, datetime]] = []
-    for _, agg in _scan_aggregates(cfg):
-        _delta_sql(agg, old_t, new_t, slides)
-    out = [(old_t - 2 * window, new_t), *slides,
+    out = [(old_t - 2 * window, new_t), *_slides(_scan_aggregates(cfg), old_t, new_t),
            (old_t - history - window, new_t - history + window)]
     for d in cfg.features.frequency_windows_days:
         out.append((_matured_floor(old_t, cfg, d) - window, _matured_floor(new_t, cfg, d) + window))
@@ -738,19 +763,9 @@ def _advance_ranges(old_t: datetime, new_t: datetime, cfg: Config) -> list[tuple
 
 def _advance(log: EventLog, state: FeatureState, as_of: datetime, cfg: Config) -> FeatureState:
     old_t, new_t = state.as_of, as_of
-    delta = new_t - old_t
     history, window, longest = _windows(cfg)
     clock = time.perf_counter()
     t0, t1 = sql_ts(old_t), sql_ts(new_t)
-    # the universe: old users, users of the new events, and new signups
-    aggs = _scan_aggregates(cfg)
-    slide_ranges: list[tuple[datetime, datetime]] = []
-    parts = []
-    for name, agg in aggs:
-        parts.append(f"{_delta_sql(agg, old_t, new_t, slide_ranges)} AS \"{name}\"")
-    where = " OR ".join([f"(ts > {t0} AND ts <= {t1})"]
-                        + [f"(ts > {sql_ts(a)} AND ts <= {sql_ts(b)})" for a, b in dict.fromkeys(slide_ranges)])
-    scan = log.query_df(f"SELECT user_id, {', '.join(parts)} FROM events WHERE {where} GROUP BY user_id")
     # the universe grows by the users first seen (or signed up) after T
     arrivals = log.query_df(f"""SELECT DISTINCT user_id FROM events WHERE ts > {t0} AND ts <= {t1}
                                UNION SELECT user_id FROM users WHERE signup_ts > {t0} AND signup_ts <= {t1}""")
@@ -759,26 +774,7 @@ def _advance(log: EventLog, state: FeatureState, as_of: datetime, cfg: Config) -
     ids = np.insert(state.user_ids, np.searchsorted(state.user_ids, new_ids), new_ids) if len(new_ids) else state.user_ids
     moved = _reindex(state, ids, state.index.get_indexer(ids) if len(new_ids) else np.arange(len(ids)))
     moved.as_of = new_t
-    index = moved.index
-    _with_pos(index, scan)
-    for name, agg in aggs:
-        old = moved.scan[name]
-        if isinstance(agg, Last):
-            new = _dense(ids, scan, name, np.int64, NONE_LATE)
-            moved.scan[name] = np.maximum(old, new)
-        elif isinstance(agg, First):
-            new = _dense(ids, scan, name, np.int64, NONE_EARLY)
-            moved.scan[name] = np.minimum(old, new)
-        elif isinstance(agg, Ever):
-            moved.scan[name] = np.maximum(old, _dense(ids, scan, name, np.int8))
-        elif isinstance(agg, Decayed):
-            moved.scan[name] = old * _decay(old_t, new_t, agg.half_life) + _dense(ids, scan, name, np.float64)
-        else:
-            dtype, _ = _dtype_of(agg)
-            change = _dense(ids, scan, name, dtype)
-            fresh = agg.window is not None and delta >= agg.window
-            moved.scan[name] = change if fresh else old + change
-    del scan
+    _scan_advance(log, moved, _scan_aggregates(cfg), old_t, new_t)
     logger.debug("feature state %s -> %s: scan in %.1f s", old_t, new_t, time.perf_counter() - clock)
     # per-slot activity of the history window: plus (T, T'], minus (T - H, T' - H]
     acts = _query_pos(log, moved, _activity_sql(cfg, [(old_t, new_t, 1), (old_t - history, new_t - history, -1)]))
@@ -806,26 +802,63 @@ def _advance(log: EventLog, state: FeatureState, as_of: datetime, cfg: Config) -
     return moved
 
 
-def _delta_sql(agg, old_t: datetime, new_t: datetime, slide_ranges: list) -> str:
-    t0 = sql_ts(old_t)
-    if isinstance(agg, Decayed):
-        return f"coalesce(sum({_weight_sql(new_t, agg.half_life)}) FILTER (WHERE {agg.condition} AND ts > {t0}), 0.0)"
-    if isinstance(agg, Last):
-        return f"coalesce(epoch_us(max(ts) FILTER (WHERE {agg.condition} AND ts > {t0})), {NONE_LATE})"
-    if isinstance(agg, First):
-        return f"coalesce(epoch_us(min(ts) FILTER (WHERE {agg.condition} AND ts > {t0})), {NONE_EARLY})"
-    if isinstance(agg, Ever):
-        return f"CAST(coalesce(bool_or({agg.condition}) FILTER (WHERE ts > {t0}), false) AS INTEGER)"
-    value = "1" if isinstance(agg, Count) else agg.expr
-    zero = "0" if isinstance(agg, Count) else "0.0"
-    if agg.window is None:
-        return f"coalesce(sum({value}) FILTER (WHERE {agg.condition} AND ts > {t0}), {zero})"
-    if new_t - old_t >= agg.window:
-        return f"coalesce(sum({value}) FILTER (WHERE {agg.condition} AND ts > {sql_ts(new_t - agg.window)}), {zero})"
-    a, b = old_t - agg.window, new_t - agg.window
-    slide_ranges.append((a, b))
-    return (f"coalesce(sum({value}) FILTER (WHERE {agg.condition} AND ts > {t0}), {zero}) - "
-            f"coalesce(sum({value}) FILTER (WHERE {agg.condition} AND ts > {sql_ts(a)} AND ts <= {sql_ts(b)}), {zero})")
+def _slides(aggs: list, old_t: datetime, new_t: datetime) -> list[tuple[datetime, datetime]]:
+    """The (a, b] of events leaving the windowed counts and sums as T moves to T' (each
+    window longer than the step: (T - w, T' - w]); a shorter one is counted afresh."""
+    out = {(old_t - agg.window, new_t - agg.window): None for _, agg in aggs
+           if isinstance(agg, Count | Sum) and agg.window is not None and new_t - old_t < agg.window}
+    return list(out)
+
+
+def _scan_advance(log: EventLog, moved: FeatureState, aggs: list, old_t: datetime, new_t: datetime) -> None:
+    """The shared scan's aggregates moved from T to T' (``moved``: the state's arrays at T,
+    rows already those of T'), from the events of (T, T'] and of the slices leaving the
+    windows: read once as coded rows (:class:`_CodedConditions`) and counted in numpy, as
+    the full build counts. Counts over a window longer than the step add (T, T'] and take
+    away (T - w, T' - w]; a shorter window's are counted afresh; last and first times,
+    ever-flags and age-weighted sums fold the new events into the old values."""
+    t0, t1 = _us(old_t), _us(new_t)
+    conditions = list(dict.fromkeys(agg.condition for _, agg in aggs))
+    bit = _condition_bits(conditions)
+    coded = _CodedConditions(log, conditions)
+    exprs = list(dict.fromkeys(agg.expr for _, agg in aggs if isinstance(agg, Sum)))
+    sums = "".join(f", coalesce(CAST({e} AS DOUBLE), 0.0) AS _s{i}" for i, e in enumerate(exprs))
+    where = " OR ".join([f"(ts > {sql_ts(old_t)} AND ts <= {sql_ts(new_t)})"]
+                        + [f"(ts > {sql_ts(a)} AND ts <= {sql_ts(b)})" for a, b in _slides(aggs, old_t, new_t)])
+    r = _by_row(log, moved.user_ids, f"SELECT user_id, epoch_us(ts) AS ts{coded.columns}{sums} FROM events WHERE {where}",
+                lambda result: result.fetchnumpy())
+    pos, ts, pattern = r["_pos"].astype(np.int64), r["ts"], coded.pattern(r)
+    n = len(moved)
+    new = ts > t0                       # the step's events; the rest are the slices'
+    meeting = {c: (pattern & b) != 0 for c, b in bit.items()}
+
+    def total(rows: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
+        return np.bincount(pos[rows], None if values is None else values[rows], minlength=n)
+
+    for name, agg in aggs:
+        old, meets = moved.scan[name], meeting[agg.condition]
+        if isinstance(agg, Last | First):
+            fill, fold = (NONE_LATE, np.maximum) if isinstance(agg, Last) else (NONE_EARLY, np.minimum)
+            rows = meets & new
+            times = np.full(n, fill, dtype=np.int64)
+            fold.at(times, pos[rows], ts[rows])
+            moved.scan[name] = fold(old, times)
+        elif isinstance(agg, Ever):
+            moved.scan[name] = np.maximum(old, (total(meets & new) > 0).astype(old.dtype))
+        elif isinstance(agg, Decayed):
+            weight = _age_weight(ts, t1, agg.half_life.total_seconds() * 1e6)
+            moved.scan[name] = old * _decay(old_t, new_t, agg.half_life) + total(meets & new, weight)
+        else:
+            dtype, _ = _dtype_of(agg)
+            values = r[f"_s{exprs.index(agg.expr)}"] if isinstance(agg, Sum) else None
+            if agg.window is None:
+                moved.scan[name] = old + total(meets & new, values).astype(dtype)
+            elif new_t - old_t >= agg.window:
+                moved.scan[name] = total(meets & (ts > _us(new_t - agg.window)), values).astype(dtype)
+            else:
+                a, b = _us(old_t - agg.window), _us(new_t - agg.window)
+                leaving = meets & (ts > a) & (ts <= b)
+                moved.scan[name] = old + (total(meets & new, values) - total(leaving, values)).astype(dtype)
 
 
 def _attributed_slice(log: EventLog, cfg: Config, since: datetime, until: datetime, known_at: datetime) -> pd.DataFrame:
@@ -909,12 +942,13 @@ def _reach_advance(log: EventLog, moved: FeatureState, old_t: datetime, new_t: d
     t0, t1 = sql_ts(old_t), sql_ts(new_t)
     index = moved.index
     sends = _with_pos(index, log.query_df(
-        f"""SELECT user_id, epoch_us(max(ts)) AS ts, arg_max(channel, ts) AS channel
+        f"""SELECT user_id, epoch_us(max(ts)) AS ts, arg_max_null(channel, ts) AS channel
             FROM events WHERE event = 'send' AND ts > {t0} AND ts <= {t1} GROUP BY user_id"""))
     if len(sends):
         pos = sends["_pos"].to_numpy()
         moved.last_send[pos] = sends["ts"].to_numpy()
-        moved.last_send_channel[pos] = sends["channel"].to_numpy(dtype=object)
+        channel = sends["channel"].astype(object)
+        moved.last_send_channel[pos] = channel.where(channel.notna(), None).to_numpy(dtype=object)
         moved.unreachable[pos] = False   # a later send: only unsubscribes after it count
     unsubs = _query_pos(log, moved, f"""SELECT user_id, epoch_us(ts) AS ts, channel FROM events
                                         WHERE event = 'unsubscribe' AND ts > {t0} AND ts <= {t1}""")

@@ -65,7 +65,8 @@ def test_a_state_moved_forward_equals_a_rebuild_on_the_whole_matrix(sim_dir, cfg
 def _edge_log() -> tuple[pd.DataFrame, pd.DataFrame]:
     """Hand-made edge cases: a late open flipping yesterday's send, an unsubscribe after
     the last send (per channel and without one), a send that brings a user back, a new
-    user, a signup without events, purchases with values, sends without message ids."""
+    user, a signup without events, purchases with values, sends without message ids, active
+    days before 1970, a latest send without a channel."""
     rows = [
         # a: sent at 22:00 on day 1, opened (by id) at 02:00 on day 2: after T, inside the window
         ("a", "2026-03-01 09:00", "session", None, None, None),
@@ -89,13 +90,23 @@ def _edge_log() -> tuple[pd.DataFrame, pd.DataFrame]:
         ("e", "2026-01-30 23:30", "session", None, None, None),
         ("e", "2026-02-22 23:30", "purchase", None, None, 5.0),
         ("e", "2026-02-23 00:30", "send", "m4", "push", None),
+        # g: active days before 1970 (the day before it is -1, also "none yet"), back after T
+        ("g", "1955-08-02 03:00", "session", None, None, None),
+        ("g", "1969-12-31 23:00", "session", None, None, None),
+        ("g", "2026-03-02 09:00", "session", None, None, None),
+        # h: the latest send has no channel; an unsubscribe from push after it counts
+        ("h", "2026-02-26 10:00", "send", "m5", "email", None),
+        ("h", "2026-03-02 08:00", "send", "m6", None, None),
+        ("h", "2026-03-02 09:00", "unsubscribe", None, "push", None),
     ]
     events = pd.DataFrame(rows, columns=["user_id", "ts", "event", "message_id", "channel", "value"])
     events["ts"] = pd.to_datetime(events["ts"]).dt.tz_localize("UTC")
-    users = pd.DataFrame({"user_id": ["a", "b", "c", "d", "e", "f"],
-                          "timezone": ["Asia/Shanghai", "UTC", "America/New_York", "Europe/Berlin", "UTC", "UTC"],
+    users = pd.DataFrame({"user_id": ["a", "b", "c", "d", "e", "f", "g", "h"],
+                          "timezone": ["Asia/Shanghai", "UTC", "America/New_York", "Europe/Berlin", "UTC", "UTC",
+                                       "UTC", "UTC"],
                           "signup_ts": pd.to_datetime(["2026-01-01 00:00"] * 3 + ["2026-03-02 10:00", "2026-01-01 00:00",
-                                                                                       "2026-03-02 05:00"])})
+                                                                                       "2026-03-02 05:00"]
+                                                      + ["2026-01-01 00:00"] * 2)})
     return events, users
 
 
@@ -116,6 +127,10 @@ def test_edge_cases_move_forward_exactly(cfg, half_life):
     assert final.loc["b", "unreachable"] == 1.0          # unsubscribed (every channel) after the last send
     assert final.loc["a", "consecutive_unopened"] == 0.0  # the late open counted
     assert "d" in final.index and "f" in final.index      # first seen / signed up after T
+    assert final.loc["h", "unreachable"] == 1.0          # its latest send had no channel
+    # g's active days: 1955-08-02, 1969-12-31 and 2026-03-02, first to last
+    span = (pd.Timestamp("2026-03-02") - pd.Timestamp("1955-08-02")).days
+    assert final.loc["g", "active_span_days"] == span and final.loc["g", "active_days_ever"] == 3
 
 
 def test_the_saved_state_round_trips(sim_dir, cfg, tmp_path):
@@ -289,3 +304,17 @@ def test_a_scan_condition_on_more_than_the_event_name_is_counted_in_sql(sim_dir,
     assert expected.sum() > 0
     np.testing.assert_array_equal(state.scan["big_purchases_30d"], expected)
     np.testing.assert_array_equal(state.scan["purchases_30d"] >= expected, True)
+
+
+def test_a_window_listed_twice_is_refused_at_the_edge(tmp_path):
+    """A window or half-life twice names one column twice: moving the state forward would
+    count or decay it twice (the fuzzer's (60, 60)); the configuration says so instead."""
+    from configs import ConfigError, load_config
+
+    path = tmp_path / "twice.toml"
+    path.write_text("[features]\ndecay_half_lives_days = [60, 60]\n")
+    with pytest.raises(ConfigError, match=r"decay_half_lives_days lists \[60.0\] more than once"):
+        load_config(path)
+    path.write_text("[features]\nfrequency_windows_days = [7, 30, 7]\n")
+    with pytest.raises(ConfigError, match=r"frequency_windows_days lists \[7\] more than once"):
+        load_config(path)
