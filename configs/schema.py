@@ -7,6 +7,7 @@ except :func:`load_config`, and only when called.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from importlib import resources
@@ -116,13 +117,16 @@ class FeatureConfig(_Frozen):
     @field_validator("frequency_windows_days", "fatigue_windows_hours", "decay_half_lives_days")
     @classmethod
     def _windows_once_each(cls, value: tuple, info) -> tuple:
-        # each names a column (purchases_30d, opens_decayed_60d): twice would be one column
-        # counted twice over when the feature state moves forward
-        twice = sorted({v for v in value if value.count(v) > 1})
+        if not all(math.isfinite(v) and v > 0 for v in value):
+            raise ValueError(f"features.{info.field_name} must be positive numbers; got {list(value)}")
+        # each names a column as its number reads with :g (purchases_30d, opens_decayed_60d):
+        # two that read the same would be one column, counted twice over when the feature
+        # state moves forward
+        names = [f"{v:g}" for v in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
-            raise ValueError(f"features.{info.field_name} lists {twice} more than once; got {list(value)}")
-        if any(v <= 0 for v in value):
-            raise ValueError(f"features.{info.field_name} must be positive; got {list(value)}")
+            raise ValueError(f"features.{info.field_name} names {twice} more than once "
+                             f"(as columns read them); got {list(value)}")
         return value
 
     @field_validator("rhythm_shifts")

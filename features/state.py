@@ -287,8 +287,8 @@ def _scan_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState,
     own reads had cost 12.6 and 10 s). The numpy of one range runs while DuckDB reads the
     next."""
     t, now = sql_ts(as_of), _us(as_of)
-    conditions = list(dict.fromkeys(agg.condition for _, agg in aggs))
-    bit = _condition_bits(conditions)
+    coded = _CodedConditions(log, list(dict.fromkeys(agg.condition for _, agg in aggs)))
+    bit = coded.bit
     exprs = list(dict.fromkeys(agg.expr for _, agg in aggs if isinstance(agg, Sum)))
     windows = sorted({agg.window for _, agg in aggs if isinstance(agg, Count | Sum) and agg.window is not None})
     cutoffs = [now - int(w.total_seconds()) * 1_000_000 for w in windows]
@@ -300,7 +300,6 @@ def _scan_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState,
         dtype, fill = _dtype_of(agg)
         state.scan[name] = np.full(n, fill, dtype=dtype)
     kinds = (("sessions", "session"), ("opens_at", "open"), ("purchases_at", "purchase"))
-    coded = _CodedConditions(log, conditions)
     code = _KIND_CODE
     engaging = np.zeros(len(code) + 1, dtype=bool)
     engaging[[code[e] for e in cfg.labels.engagement_events]] = True
@@ -433,7 +432,7 @@ class _CodedConditions:
     one BIGINT column. ``columns``: what the read selects (the kind and that pattern)."""
 
     def __init__(self, log: EventLog, conditions: list[str]) -> None:
-        bit = _condition_bits(conditions)
+        self.bit = bit = _condition_bits(conditions)
         self.by_kind = np.zeros(len(_KIND_CODE) + 1, dtype=np.int64)
         per_event = []
         for condition, value in bit.items():
@@ -509,8 +508,8 @@ def _attributed_counter(as_of: datetime, cfg: Config, state: FeatureState):
 
     Allocates them in ``state`` and returns ``count(a, b, sends, opens)``, which fills the rows
     of users [a, b) from their sends (``_pos`` the user's row, ``ts`` µs, ``msg`` a hash of the
-    message id, ``has_msg``, ``slot``; sorted by user and time) and opens (the same but the
-    slot; sorted by user), each of times up to T. The flags are :func:`opened_flags` (the SQL
+    message id, ``has_msg``, ``slot``) and opens (the same but the slot), each of times up to
+    T, in any order (it sorts them). The flags are :func:`opened_flags` (the SQL
     definition as a join of every send with the opens cost 4-5x as much at 1M users, and a
     51M-row table), the counts ``bincount``s; users of different ranges never share a send.
     """
@@ -604,8 +603,9 @@ def _by_user_and_time(pos: np.ndarray, ts: np.ndarray) -> np.ndarray:
     if not len(ts):
         return np.zeros(0, dtype=np.int64)
     t0, span = int(ts.min()), int(ts.max()) - int(ts.min()) + 1
-    if (int(pos.max()) + 1) * span < 2**63:
-        return np.argsort(pos.astype(np.int64) * span + (ts - t0), kind="stable")
+    first = int(pos.min())          # rows of one range: their span, not the state's, must fit
+    if (int(pos.max()) - first + 1) * span < 2**63:
+        return np.argsort((pos.astype(np.int64) - first) * span + (ts - t0), kind="stable")
     return np.lexsort((ts, pos))
 
 
@@ -818,9 +818,7 @@ def _scan_advance(log: EventLog, moved: FeatureState, aggs: list, old_t: datetim
     away (T - w, T' - w]; a shorter window's are counted afresh; last and first times,
     ever-flags and age-weighted sums fold the new events into the old values."""
     t0, t1 = _us(old_t), _us(new_t)
-    conditions = list(dict.fromkeys(agg.condition for _, agg in aggs))
-    bit = _condition_bits(conditions)
-    coded = _CodedConditions(log, conditions)
+    coded = _CodedConditions(log, list(dict.fromkeys(agg.condition for _, agg in aggs)))
     exprs = list(dict.fromkeys(agg.expr for _, agg in aggs if isinstance(agg, Sum)))
     sums = "".join(f", coalesce(CAST({e} AS DOUBLE), 0.0) AS _s{i}" for i, e in enumerate(exprs))
     where = " OR ".join([f"(ts > {sql_ts(old_t)} AND ts <= {sql_ts(new_t)})"]
@@ -830,7 +828,9 @@ def _scan_advance(log: EventLog, moved: FeatureState, aggs: list, old_t: datetim
     pos, ts, pattern = r["_pos"].astype(np.int64), r["ts"], coded.pattern(r)
     n = len(moved)
     new = ts > t0                       # the step's events; the rest are the slices'
-    meeting = {c: (pattern & b) != 0 for c, b in bit.items()}
+    meeting = {c: (pattern & b) != 0 for c, b in coded.bit.items()}
+    weights = {h: _age_weight(ts, t1, h.total_seconds() * 1e6)
+               for h in dict.fromkeys(agg.half_life for _, agg in aggs if isinstance(agg, Decayed))}
 
     def total(rows: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
         return np.bincount(pos[rows], None if values is None else values[rows], minlength=n)
@@ -846,8 +846,7 @@ def _scan_advance(log: EventLog, moved: FeatureState, aggs: list, old_t: datetim
         elif isinstance(agg, Ever):
             moved.scan[name] = np.maximum(old, (total(meets & new) > 0).astype(old.dtype))
         elif isinstance(agg, Decayed):
-            weight = _age_weight(ts, t1, agg.half_life.total_seconds() * 1e6)
-            moved.scan[name] = old * _decay(old_t, new_t, agg.half_life) + total(meets & new, weight)
+            moved.scan[name] = old * _decay(old_t, new_t, agg.half_life) + total(meets & new, weights[agg.half_life])
         else:
             dtype, _ = _dtype_of(agg)
             values = r[f"_s{exprs.index(agg.expr)}"] if isinstance(agg, Sum) else None

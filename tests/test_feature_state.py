@@ -313,8 +313,15 @@ def test_a_window_listed_twice_is_refused_at_the_edge(tmp_path):
 
     path = tmp_path / "twice.toml"
     path.write_text("[features]\ndecay_half_lives_days = [60, 60]\n")
-    with pytest.raises(ConfigError, match=r"decay_half_lives_days lists \[60.0\] more than once"):
+    with pytest.raises(ConfigError, match=r"decay_half_lives_days names \['60'\] more than once"):
         load_config(path)
     path.write_text("[features]\nfrequency_windows_days = [7, 30, 7]\n")
-    with pytest.raises(ConfigError, match=r"frequency_windows_days lists \[7\] more than once"):
+    with pytest.raises(ConfigError, match=r"frequency_windows_days names \['7'\] more than once"):
+        load_config(path)
+    # two numbers that name one column (helper 24's review), and a half-life that is no number
+    path.write_text("[features]\ndecay_half_lives_days = [14, 14.0000001]\n")
+    with pytest.raises(ConfigError, match=r"decay_half_lives_days names \['14'\] more than once"):
+        load_config(path)
+    path.write_text("[features]\ndecay_half_lives_days = [nan]\n")
+    with pytest.raises(ConfigError, match="decay_half_lives_days must be positive numbers"):
         load_config(path)
