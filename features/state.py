@@ -185,6 +185,12 @@ def _query_pos(log: EventLog, state: FeatureState, sql: str) -> pd.DataFrame:
     return _by_row(log, state.user_ids, sql, lambda result: result.df())
 
 
+def _nones(values: pd.Series) -> np.ndarray:
+    """Objects with None for every missing value (NaN, pd.NA), as the state keeps channels."""
+    values = values.astype(object)
+    return values.where(values.notna(), None).to_numpy(dtype=object)
+
+
 def _age_weight(ts: np.ndarray, now_us: int, half_life_us: float) -> np.ndarray:
     """Each event's weight at ``now_us``: 2^(-age / half-life), as :func:`_weight_sql` in SQL."""
     return np.exp2((ts - now_us) / half_life_us)
@@ -233,9 +239,7 @@ def build_state(log: EventLog, as_of: datetime, cfg: Config) -> FeatureState:
             arg_max_null(channel, ts) AS _last_send_channel FROM events
         WHERE event = 'send' AND ts <= {sql_ts(as_of)} GROUP BY user_id""")
     state.last_send = _dense(ids, last, "_last_send", np.int64, NONE_LATE)
-    channel = last["_last_send_channel"].astype(object)
-    state.last_send_channel = _dense(ids, last.assign(_last_send_channel=channel.where(channel.notna(), None)),
-                                     "_last_send_channel", object, None)
+    state.last_send_channel = _nones(pd.Series(_dense(ids, last, "_last_send_channel", object, None), dtype=object))
     del last
     stage("last sends")
     _reach_full(log, as_of, state)
@@ -287,9 +291,8 @@ def _scan_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState,
     own reads had cost 12.6 and 10 s). The numpy of one range runs while DuckDB reads the
     next."""
     t, now = sql_ts(as_of), _us(as_of)
-    coded = _CodedConditions(log, list(dict.fromkeys(agg.condition for _, agg in aggs)))
+    coded = _CodedConditions(log, aggs)
     bit = coded.bit
-    exprs = list(dict.fromkeys(agg.expr for _, agg in aggs if isinstance(agg, Sum)))
     windows = sorted({agg.window for _, agg in aggs if isinstance(agg, Count | Sum) and agg.window is not None})
     cutoffs = [now - int(w.total_seconds()) * 1_000_000 for w in windows]
     half_lives = list(dict.fromkeys(agg.half_life for _, agg in aggs if isinstance(agg, Decayed)))
@@ -309,7 +312,6 @@ def _scan_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState,
             state.slots[name + DECAYED] = np.zeros((n, n_slots), dtype=DECAYED_DTYPE)
     attribute = _attributed_counter(as_of, cfg, state)
     mark_days = _active_days_counter(as_of, cfg, state)
-    sums = "".join(f", coalesce(CAST({e} AS DOUBLE), 0.0) AS _s{i}" for i, e in enumerate(exprs))
     events = log.con.execute(f"SELECT count(*) FROM events WHERE ts <= {t}").fetchall()[0][0]
     bounds = np.linspace(0, n, max(1, -(-events // PART_EVENTS)) + 1).astype(int)
 
@@ -317,7 +319,7 @@ def _scan_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState,
         upper = f" AND user_id < {sql_quote(state.user_ids[b])}" if b < n else ""
         return _by_row(log, state.user_ids[a:b], f"""SELECT user_id, epoch_us(ts) AS ts,
                 CAST({slot_expr(cfg.slots.kind)} AS SMALLINT) AS slot{coded.columns},
-                hash(message_id) AS _msg, message_id IS NOT NULL AS _has_msg{sums}
+                hash(message_id) AS _msg, message_id IS NOT NULL AS _has_msg
             FROM events_local WHERE user_id >= {sql_quote(state.user_ids[a])}{upper} AND ts <= {t}""",
                        lambda result: result.fetchnumpy())
 
@@ -347,7 +349,7 @@ def _scan_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState,
             return np.bincount(cells, values, minlength=k * users * width).reshape(k, users, width).cumsum(axis=2)
 
         counts = by_window(None)
-        sums = {e: by_window(r[f"_s{i}"]) for i, e in enumerate(exprs)}
+        sums = {e: by_window(coded.summed(r, e)) for e in coded.exprs}
         weighed = {h: np.bincount(key, _age_weight(ts, now, h.total_seconds() * 1e6), minlength=k * users)
                    .reshape(k, users) for h in half_lives}
         latest = np.full(k * users, NONE_LATE, dtype=np.int64)
@@ -387,8 +389,7 @@ def _scan_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState,
         # one step after the other, each dropping what the next does not read: a range's
         # temporaries are a few times its events, and two ranges are counted at once
         aggregate(a, b, r)
-        for column in [c for c in r if c == "_p" or c.startswith("_s")]:
-            del r[column]
+        coded.drop(r)
         pos, ts, kind = r["_pos"], r["ts"], r["kind"]
         # the sends and opens of these users, for the open attribution (rows are global)
         sends, opens = kind == code["send"], kind == code["open"]
@@ -419,23 +420,22 @@ def _scan_full(log: EventLog, as_of: datetime, cfg: Config, state: FeatureState,
 _KIND_CODE = {e: i + 1 for i, e in enumerate(EVENT_NAMES)}
 
 
-def _condition_bits(conditions: list[str]) -> dict[str, int]:
-    if len(conditions) > 62:          # one BIGINT of bits
-        raise ValueError(f"{len(conditions)} distinct scan conditions: at most 62")
-    return {c: 1 << i for i, c in enumerate(conditions)}
-
-
 class _CodedConditions:
-    """The scan conditions as one bit each per coded event row: a condition of the event's
-    name alone (all of today's families) is looked up by the row's kind instead of evaluated
-    on every event (a quarter of the read's time at 1M users); the rest stay SQL, summed into
-    one BIGINT column. ``columns``: what the read selects (the kind and that pattern)."""
+    """The scan aggregates' conditions as one bit each per coded event row, and their summed
+    expressions as ``_s0, _s1, ...``: a condition of the event's name alone (all of today's
+    families) is looked up by the row's kind instead of evaluated on every event (a quarter of
+    the read's time at 1M users); the rest stay SQL, summed into one BIGINT column ``_p``.
+    ``columns``: what a read selects (the kind, that pattern, the sums)."""
 
-    def __init__(self, log: EventLog, conditions: list[str]) -> None:
-        self.bit = bit = _condition_bits(conditions)
+    def __init__(self, log: EventLog, aggs: list) -> None:
+        conditions = list(dict.fromkeys(agg.condition for _, agg in aggs))
+        if len(conditions) > 62:          # one BIGINT of bits
+            raise ValueError(f"{len(conditions)} distinct scan conditions: at most 62")
+        self.bit = {c: 1 << i for i, c in enumerate(conditions)}
+        self.exprs = list(dict.fromkeys(agg.expr for _, agg in aggs if isinstance(agg, Sum)))
         self.by_kind = np.zeros(len(_KIND_CODE) + 1, dtype=np.int64)
         per_event = []
-        for condition, value in bit.items():
+        for condition, value in self.bit.items():
             meets = _of_event_name(log, condition, list(_KIND_CODE))
             if meets is None:
                 per_event.append(f"CASE WHEN {condition} THEN {value} ELSE 0 END")
@@ -443,12 +443,23 @@ class _CodedConditions:
                 self.by_kind[[_KIND_CODE[e] for e, yes in meets.items() if yes]] |= value
         kind = "CASE event " + " ".join(f"WHEN '{e}' THEN {c}" for e, c in _KIND_CODE.items()) + " ELSE 0 END"
         self.columns = f", CAST({kind} AS UTINYINT) AS kind" + (
-            f", CAST({' + '.join(per_event)} AS BIGINT) AS _p" if per_event else "")
+            f", CAST({' + '.join(per_event)} AS BIGINT) AS _p" if per_event else "") + "".join(
+            f", coalesce(CAST({e} AS DOUBLE), 0.0) AS _s{i}" for i, e in enumerate(self.exprs))
 
     def pattern(self, rows: dict[str, np.ndarray]) -> np.ndarray:
         """Each row's bits (``rows``: a read's arrays, with ``kind`` and maybe ``_p``)."""
         looked_up = self.by_kind[rows["kind"]]
         return looked_up | rows["_p"] if "_p" in rows else looked_up
+
+    def summed(self, rows: dict[str, np.ndarray], expr: str) -> np.ndarray:
+        """Each row's value of a summed expression."""
+        return rows[f"_s{self.exprs.index(expr)}"]
+
+    @staticmethod
+    def drop(rows: dict[str, np.ndarray]) -> None:
+        """Forget the pattern and the sums (once counted: a range's arrays are large)."""
+        for column in [c for c in rows if c == "_p" or c.startswith("_s")]:
+            del rows[column]
 
 
 def _of_event_name(log: EventLog, condition: str, names: list[str]) -> dict[str, bool] | None:
@@ -818,12 +829,10 @@ def _scan_advance(log: EventLog, moved: FeatureState, aggs: list, old_t: datetim
     away (T - w, T' - w]; a shorter window's are counted afresh; last and first times,
     ever-flags and age-weighted sums fold the new events into the old values."""
     t0, t1 = _us(old_t), _us(new_t)
-    coded = _CodedConditions(log, list(dict.fromkeys(agg.condition for _, agg in aggs)))
-    exprs = list(dict.fromkeys(agg.expr for _, agg in aggs if isinstance(agg, Sum)))
-    sums = "".join(f", coalesce(CAST({e} AS DOUBLE), 0.0) AS _s{i}" for i, e in enumerate(exprs))
+    coded = _CodedConditions(log, aggs)
     where = " OR ".join([f"(ts > {sql_ts(old_t)} AND ts <= {sql_ts(new_t)})"]
                         + [f"(ts > {sql_ts(a)} AND ts <= {sql_ts(b)})" for a, b in _slides(aggs, old_t, new_t)])
-    r = _by_row(log, moved.user_ids, f"SELECT user_id, epoch_us(ts) AS ts{coded.columns}{sums} FROM events WHERE {where}",
+    r = _by_row(log, moved.user_ids, f"SELECT user_id, epoch_us(ts) AS ts{coded.columns} FROM events WHERE {where}",
                 lambda result: result.fetchnumpy())
     pos, ts, pattern = r["_pos"].astype(np.int64), r["ts"], coded.pattern(r)
     n = len(moved)
@@ -849,7 +858,7 @@ def _scan_advance(log: EventLog, moved: FeatureState, aggs: list, old_t: datetim
             moved.scan[name] = old * _decay(old_t, new_t, agg.half_life) + total(meets & new, weights[agg.half_life])
         else:
             dtype, _ = _dtype_of(agg)
-            values = r[f"_s{exprs.index(agg.expr)}"] if isinstance(agg, Sum) else None
+            values = coded.summed(r, agg.expr) if isinstance(agg, Sum) else None
             if agg.window is None:
                 moved.scan[name] = old + total(meets & new, values).astype(dtype)
             elif new_t - old_t >= agg.window:
@@ -946,8 +955,7 @@ def _reach_advance(log: EventLog, moved: FeatureState, old_t: datetime, new_t: d
     if len(sends):
         pos = sends["_pos"].to_numpy()
         moved.last_send[pos] = sends["ts"].to_numpy()
-        channel = sends["channel"].astype(object)
-        moved.last_send_channel[pos] = channel.where(channel.notna(), None).to_numpy(dtype=object)
+        moved.last_send_channel[pos] = _nones(sends["channel"])
         moved.unreachable[pos] = False   # a later send: only unsubscribes after it count
     unsubs = _query_pos(log, moved, f"""SELECT user_id, epoch_us(ts) AS ts, channel FROM events
                                         WHERE event = 'unsubscribe' AND ts > {t0} AND ts <= {t1}""")
@@ -1098,7 +1106,7 @@ def read_state(folder: Path) -> tuple[FeatureState, dict]:
     ids = pd.read_parquet(target / "users.parquet")
     with np.load(target / "arrays.npz") as data:
         arrays = {k: data[k] for k in data.files}
-    channel = ids["last_send_channel"].astype(object).where(ids["last_send_channel"].notna(), None).to_numpy()
+    channel = _nones(ids["last_send_channel"])
     state = FeatureState(
         as_of=datetime.fromisoformat(meta["as_of"]), user_ids=ids["user_id"].to_numpy(dtype=object),
         scan={k[6:]: v for k, v in arrays.items() if k.startswith("scan__")},
