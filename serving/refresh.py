@@ -292,20 +292,23 @@ def _refresh_locked(log_: EventLog, cfg: Config, champions: Champions, out: Path
         features = refresh_features(log_, as_of, cfg, serving_dir, full=full)
         matrix, population = features.matrix, features.priors
         timings: dict[str, float] = {}
-        with _stage("feature state saved", timings):
-            write_state(building.root, features.state, cfg, features.fingerprint)
-            plan_users = history_from_state(features.state, log_.query_df("SELECT user_id, signup_ts FROM users"), cfg)
-        features_note = features.how
-        del features   # the state's arrays are on disk; the matrix is what scoring needs
-        log.info("features ready: %d users; scoring %d slots each", len(matrix), matrix.n_slots)
-        scored_at = datetime.now(timezone.utc)
-        with _stage("scoring core", timings):
-            core = ScoringCore(champions, matrix, cfg)
-        scores, priors = _score_everyone(core, progress, timings)
-        n_cold_start = int(np.count_nonzero(scores.cold_start))
-        # the snapshot needs the scores but not the reasons: Parquet encodes it on one core
-        # while TreeSHAP and the tag table take the rest (the two overlap in the log's times)
+        # one writer thread, in order: the state (mostly disk) while the models score, then
+        # the snapshot (it needs the scores, not the reasons: Parquet encodes it on one core
+        # while TreeSHAP and the tag table take the rest); the logged times overlap
         with ThreadPoolExecutor(max_workers=1) as writer:
+            state_saved = writer.submit(_timed, "feature state saved", timings, write_state,
+                                        building.root, features.state, cfg, features.fingerprint)
+            with _stage("campaign rules' users", timings):
+                plan_users = history_from_state(features.state, log_.query_df("SELECT user_id, signup_ts FROM users"),
+                                                cfg)
+            features_note = features.how
+            del features   # the writer holds the state until it is on disk; scoring needs the matrix
+            log.info("features ready: %d users; scoring %d slots each", len(matrix), matrix.n_slots)
+            scored_at = datetime.now(timezone.utc)
+            with _stage("scoring core", timings):
+                core = ScoringCore(champions, matrix, cfg)
+            scores, priors = _score_everyone(core, progress, timings)
+            n_cold_start = int(np.count_nonzero(scores.cold_start))
             snapshot = writer.submit(_timed, "feature snapshot", timings, write_snapshot,
                 building.root, matrix, population, cfg,
                 refresh_id=refresh_id, scored_at=scored_at.isoformat(),
@@ -319,6 +322,7 @@ def _refresh_locked(log_: EventLog, cfg: Config, champions: Champions, out: Path
                     table = table.append_column(ACTIVE_HOURS_FIELD, _active_hours(log_, as_of, cfg, matrix.user_ids))
                 pq.write_table(table, building.tags)
                 priors.to_parquet(building.priors, index=False)
+            state_saved.result()
             manifest = snapshot.result()
         with _stage("tag store", timings):
             write_store(building, priors, manifest)

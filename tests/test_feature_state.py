@@ -3,6 +3,7 @@ matrix; the refresh moves it only when the configuration matches and the log onl
 
 from __future__ import annotations
 
+import shutil
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -143,6 +144,17 @@ def test_the_saved_state_round_trips(sim_dir, cfg, tmp_path):
     later = t + timedelta(days=1)
     assert_same_matrix(build_matrix(log, later, cfg, state=advance(log, again, later, cfg))[0],
                        build_matrix(log, later, cfg)[0])
+    # a state saved by an earlier release (one arrays.npz) still reads, array for array
+    folder = tmp_path / "feature_state"
+    arrays = {path.stem: np.load(path) for path in (folder / "arrays").glob("*.npy")}
+    assert len(arrays) > 60
+    np.savez(folder / "arrays.npz", **arrays)
+    shutil.rmtree(folder / "arrays")
+    old, _ = read_state(tmp_path)
+    for part in ("scan", "slots", "matured", "rhythm"):
+        mine, theirs = getattr(again, part), getattr(old, part)
+        assert mine.keys() == theirs.keys() and all(np.array_equal(mine[k], theirs[k]) for k in mine)
+    assert np.array_equal(again.active, old.active) and np.array_equal(again.unreachable, old.unreachable)
 
 
 def test_the_refresh_moves_the_state_only_when_the_log_only_grew(sim_dir, tmp_path):
