@@ -112,6 +112,8 @@ class FeatureConfig(_Frozen):
     rhythm_families: tuple[str, ...] = ("rhythm_open", "rhythm_expected", "rhythm_rate")
     materialize_max_rows: int = Field(ge=0)
     duckdb_memory_limit: str = ""
+    validation_cache: bool = True
+    validation_cache_dir: str = ""
     max_attribute_levels: int = Field(gt=1)
 
     @field_validator("frequency_windows_days", "fatigue_windows_hours", "decay_half_lives_days")

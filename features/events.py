@@ -22,6 +22,7 @@ import duckdb
 import pandas as pd
 
 from configs import EVENT_NAMES, SendtimeError
+from features.validated import ValidatedFiles
 
 __all__ = [
     "EVENT_KINDS",
@@ -34,6 +35,7 @@ __all__ = [
     # SQL helpers the importer shares
     "columns_of",
     "connect_duckdb",
+    "source_files",
     "source_sql",
     "sql_quote",
     "sql_ts",
@@ -139,6 +141,15 @@ class EventLog:
 
 def source_sql(path: Path, what: str) -> str:
     """A DuckDB table function reading a Parquet/CSV file or a folder of them."""
+    files, kind = source_files(path, what)
+    listing = "[" + ", ".join(sql_quote(str(f)) for f in files) + "]"
+    if kind == "parquet":
+        return f"read_parquet({listing}, filename = true, union_by_name = true)"
+    return f"read_csv({listing}, filename = true, union_by_name = true, all_varchar = true)"
+
+
+def source_files(path: Path, what: str) -> tuple[list[Path], str]:
+    """The files a Parquet/CSV file or folder stands for, and their kind ("parquet"/"csv")."""
     if not path.exists():
         raise EventLogError(f"{what}: no such file or folder: {path}")
     if path.is_dir():
@@ -156,10 +167,7 @@ def source_sql(path: Path, what: str) -> str:
         if suffix not in (".parquet", ".csv"):
             raise EventLogError(f"{what}: {path} is neither .parquet nor .csv")
         kind = suffix[1:]
-    listing = "[" + ", ".join(sql_quote(str(f)) for f in files) + "]"
-    if kind == "parquet":
-        return f"read_parquet({listing}, filename = true, union_by_name = true)"
-    return f"read_csv({listing}, filename = true, union_by_name = true, all_varchar = true)"
+    return files, kind
 
 
 def user_partition_sql(partition: tuple[int, int], column: str = "user_id") -> str:
@@ -293,20 +301,43 @@ _EVENT_CHECKS = {
 }
 
 
-def _check_events(con: duckdb.DuckDBPyConnection, quarantine: Path | None, prevalidated: bool = False) -> int:
+def _conditions() -> dict[str, str]:
+    """Each checked column's SQL condition of a bad row."""
     kinds = ", ".join(sql_quote(k) for k in EVENT_KINDS)
-    conditions = {
-        col: cond.format(kinds=kinds) for col, (cond, _, _) in _EVENT_CHECKS.items()
-    }
+    return {col: cond.format(kinds=kinds) for col, (cond, _, _) in _EVENT_CHECKS.items()}
+
+
+def checks_digest(con: duckdb.DuckDBPyConnection) -> str:
+    """What a file's clean check depends on beside the file: the checks and the log's union
+    schema (``events_source``), which decides how each column is read."""
+    return repr(sorted(_conditions().items())) + repr(sorted(columns_of(con, "events_source").items()))
+
+
+def _check_events(con: duckdb.DuckDBPyConnection, quarantine: Path | None, prevalidated: bool = False,
+                  files: list[Path] | None = None, validated_dir: Path | None = None) -> int:
+    conditions = _conditions()
     any_bad = " OR ".join(f"({c})" for c in conditions.values())
     if prevalidated:
         # the caller validated the whole log and raised or quarantined its bad rows: leave
         # them out here without a second scan to count and report them
         con.execute(f"CREATE OR REPLACE TEMP VIEW clean_events AS SELECT * FROM raw_events WHERE NOT ({any_bad})")
         return 0
+    scope, known, todo = "raw_events", None, files
+    if files and validated_dir is not None:
+        # rows of a file found clean before (same identity, same checks) cannot be bad: count
+        # only the others'; the error path below still reads every file, the clean ones add nothing
+        known = ValidatedFiles(validated_dir, files, checks_digest(con))
+        todo = known.unchecked()
+        log.debug("events: %d of %d file(s) to check (the rest checked before)", len(todo), len(files))
+        if not todo:
+            con.execute("CREATE OR REPLACE TEMP VIEW clean_events AS SELECT * FROM raw_events")
+            return 0
+        if len(todo) < len(files):
+            listing = ", ".join(sql_quote(str(f)) for f in todo)
+            scope = f"raw_events_base WHERE filename IN ({listing})"
     counts = con.execute(
         "SELECT " + ", ".join(f"count(*) FILTER (WHERE {c})" for c in conditions.values())
-        + " FROM raw_events"
+        + f" FROM {scope}"
     ).fetchall()[0]
     problems = []
     for (col, (_, text, shown)), n in zip(_EVENT_CHECKS.items(), counts):
@@ -322,6 +353,8 @@ def _check_events(con: duckdb.DuckDBPyConnection, quarantine: Path | None, preva
         )
     if not problems:
         con.execute("CREATE OR REPLACE TEMP VIEW clean_events AS SELECT * FROM raw_events")
+        if known is not None:
+            known.mark(todo)
         return 0
     n_bad = con.execute(f"SELECT count(*) FROM raw_events WHERE {any_bad}").fetchall()[0][0]
     if quarantine is None:
@@ -549,6 +582,7 @@ def open_log(
     memory_limit: str | None = None,
     partition: tuple[int, int] | None = None,
     prevalidated: bool = False,
+    validated_dir: str | Path | None = None,
 ) -> EventLog:
     """Open and validate the events (and users) files or folders.
 
@@ -559,6 +593,8 @@ def open_log(
     in the ``events``, ``events_local`` and ``users`` views: a cluster worker opens its part
     of a log on a shared file system. ``prevalidated``: the caller has validated this log
     (and raised or quarantined its invalid rows); they are left out without a report.
+    ``validated_dir``: where markers of event files found clean are kept
+    (:mod:`features.validated`); those files are not checked again while unchanged.
     """
     con = connect_duckdb(threads, memory_limit)
     if partition is not None:
@@ -569,9 +605,10 @@ def open_log(
         con.execute(
             f"CREATE OR REPLACE TEMP VIEW users_source AS SELECT * FROM {source_sql(Path(users), 'users')}"
         )
+    files = source_files(Path(events), "events")[0] if validated_dir is not None else None
     return _assemble(con, default_timezone, Path(quarantine) if quarantine else None,
                      {"events": str(events), "users": str(users) if users else ""}, materialize_max_rows,
-                     partition, prevalidated)
+                     partition, prevalidated, files, Path(validated_dir) if validated_dir is not None else None)
 
 
 def from_frames(
@@ -595,11 +632,12 @@ def from_frames(
 def _assemble(
     con: duckdb.DuckDBPyConnection, default_tz: str, quarantine: Path | None, sources: dict[str, str],
     materialize_max_rows: int, partition: tuple[int, int] | None = None, prevalidated: bool = False,
+    files: list[Path] | None = None, validated_dir: Path | None = None,
 ) -> EventLog:
     if partition is not None:
         user_partition_sql(partition)   # a bad partition fails before any scan
     _raw_events(con)
-    n_bad = _check_events(con, quarantine, prevalidated)
+    n_bad = _check_events(con, quarantine, prevalidated, files, validated_dir)
     categorical, numeric = _load_users(con, default_tz, partition)
     _finish(con, default_tz, materialize_max_rows, partition)
     return EventLog(

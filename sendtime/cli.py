@@ -154,10 +154,13 @@ def tag_store_url(cfg: Config, flag: Optional[str], serving_dir: Optional[Path])
 def open_events(events: Path, users: Optional[Path], cfg: Config, quarantine: Optional[Path] = None):
     from features.events import open_log
 
+    f = cfg.features
+    validated = (Path(f.validation_cache_dir or Path(cfg.serving.serving_dir) / "validated")
+                 if f.validation_cache else None)
     return open_log(events, users, default_timezone=cfg.slots.default_timezone,
                     quarantine=quarantine, threads=cfg.models.threads,
-                    materialize_max_rows=cfg.features.materialize_max_rows,
-                    memory_limit=cfg.features.duckdb_memory_limit or None)
+                    materialize_max_rows=f.materialize_max_rows,
+                    memory_limit=f.duckdb_memory_limit or None, validated_dir=validated)
 
 
 @app.command()
