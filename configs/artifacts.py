@@ -34,28 +34,31 @@ def _fsync_file(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
+def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it replaces ``target``.
 
     On any failure the temporary file is removed and ``target`` is left as it was.
+    ``durable=False``: no fsync before the rename, for files inside a folder that is
+    synced as a whole before anything points at it (a refresh being built).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     try:
         yield tmp
-        if tmp.is_file():
+        if durable and tmp.is_file():
             _fsync_file(tmp)
         os.replace(tmp, target)
-        fsync_dir(target.parent)
+        if durable:
+            fsync_dir(target.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def write_atomic(target: str | Path, write: Callable[[Path], object]) -> Path:
+def write_atomic(target: str | Path, write: Callable[[Path], object], durable: bool = True) -> Path:
     """``write(tmp_path)`` then move it over ``target``; returns ``target``."""
-    with atomic_path(target) as tmp:
+    with atomic_path(target, durable) as tmp:
         write(tmp)
     return Path(target)
 

@@ -53,10 +53,12 @@ def read_manifest(folder: str | Path) -> dict:
 
 
 def write_snapshot(folder: str | Path, matrix: UserMatrix, priors: PopulationPriors, cfg: Config,
-                   **extra: object) -> dict:
-    """Write the matrix and its manifest (each atomically); returns the manifest."""
+                   durable: bool = True, **extra: object) -> dict:
+    """Write the matrix and its manifest (each atomically); returns the manifest.
+    ``durable=False``: the matrix is not synced to disk here (a refresh syncs its whole
+    folder before publishing it, by when the kernel has written most of it back)."""
     folder = Path(folder)
-    write_atomic(folder / FEATURES_FILE, lambda tmp: _write_rows(matrix, tmp))
+    write_atomic(folder / FEATURES_FILE, lambda tmp: _write_rows(matrix, tmp), durable)
     manifest = snapshot_manifest(matrix, priors, cfg, **extra)
     write_manifest(folder, manifest)
     return manifest

@@ -337,3 +337,13 @@ def test_a_window_listed_twice_is_refused_at_the_edge(tmp_path):
     path.write_text("[features]\ndecay_half_lives_days = [nan]\n")
     with pytest.raises(ConfigError, match="decay_half_lives_days must be positive numbers"):
         load_config(path)
+
+
+def test_a_saved_state_outlives_settings_of_how_the_log_is_read(cfg):
+    from features.state import HOW_NOT_WHAT, config_fingerprint
+
+    how = {"materialize_max_rows": 0, "duckdb_memory_limit": "1GB", "validation_cache": False,
+           "validation_cache_dir": "/elsewhere"}
+    assert set(how) == set(HOW_NOT_WHAT)
+    assert config_fingerprint(cfg.with_overrides(features=how)) == config_fingerprint(cfg)
+    assert config_fingerprint(cfg.with_overrides(features={"history_days": 60})) != config_fingerprint(cfg)
