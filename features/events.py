@@ -35,6 +35,7 @@ __all__ = [
     # SQL helpers the importer shares
     "columns_of",
     "connect_duckdb",
+    "files_sql",
     "source_files",
     "source_sql",
     "sql_quote",
@@ -141,7 +142,11 @@ class EventLog:
 
 def source_sql(path: Path, what: str) -> str:
     """A DuckDB table function reading a Parquet/CSV file or a folder of them."""
-    files, kind = source_files(path, what)
+    return files_sql(*source_files(path, what))
+
+
+def files_sql(files: list[Path], kind: str) -> str:
+    """A DuckDB table function reading exactly ``files`` (of ``kind``, "parquet" or "csv")."""
     listing = "[" + ", ".join(sql_quote(str(f)) for f in files) + "]"
     if kind == "parquet":
         return f"read_parquet({listing}, filename = true, union_by_name = true)"
@@ -308,9 +313,13 @@ def _conditions() -> dict[str, str]:
 
 
 def checks_digest(con: duckdb.DuckDBPyConnection) -> str:
-    """What a file's clean check depends on beside the file: the checks and the log's union
-    schema (``events_source``), which decides how each column is read."""
-    return repr(sorted(_conditions().items())) + repr(sorted(columns_of(con, "events_source").items()))
+    """What a file's clean check depends on beside the file: the checks, the SQL that reads
+    and normalises each row for them (``raw_events_base``: time parsing, the propensity's
+    range, names trimmed and lower-cased), and the log's union schema, which decides how
+    each column is read."""
+    (view,) = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'raw_events_base'").fetchall()[0]
+    return "\n".join([repr(sorted(_conditions().items())), view,
+                      repr(sorted(columns_of(con, "events_source").items()))])
 
 
 def _check_events(con: duckdb.DuckDBPyConnection, quarantine: Path | None, prevalidated: bool = False,
@@ -327,7 +336,7 @@ def _check_events(con: duckdb.DuckDBPyConnection, quarantine: Path | None, preva
         # rows of a file found clean before (same identity, same checks) cannot be bad: count
         # only the others'; the error path below still reads every file, the clean ones add nothing
         known = ValidatedFiles(validated_dir, files, checks_digest(con))
-        todo = known.unchecked()
+        todo = known.unchecked()   # their identities as of now, before their rows are read
         log.debug("events: %d of %d file(s) to check (the rest checked before)", len(todo), len(files))
         if not todo:
             con.execute("CREATE OR REPLACE TEMP VIEW clean_events AS SELECT * FROM raw_events")
@@ -600,15 +609,18 @@ def open_log(
     if partition is not None:
         # a worker has no terminal: its progress bars would interleave in the client's output
         con.execute("SET enable_progress_bar = false")
-    con.execute(f"CREATE OR REPLACE TEMP VIEW events_source AS SELECT * FROM {source_sql(Path(events), 'events')}")
+    # one listing of the folder for the view and the validation cache: a file arriving in
+    # between must be in both or in neither
+    files, kind = source_files(Path(events), "events")
+    con.execute(f"CREATE OR REPLACE TEMP VIEW events_source AS SELECT * FROM {files_sql(files, kind)}")
     if users is not None:
         con.execute(
             f"CREATE OR REPLACE TEMP VIEW users_source AS SELECT * FROM {source_sql(Path(users), 'users')}"
         )
-    files = source_files(Path(events), "events")[0] if validated_dir is not None else None
     return _assemble(con, default_timezone, Path(quarantine) if quarantine else None,
                      {"events": str(events), "users": str(users) if users else ""}, materialize_max_rows,
-                     partition, prevalidated, files, Path(validated_dir) if validated_dir is not None else None)
+                     partition, prevalidated, files if validated_dir is not None else None,
+                     Path(validated_dir) if validated_dir is not None else None)
 
 
 def from_frames(

@@ -33,6 +33,7 @@ class ValidatedFiles:
         self.folder = Path(folder)
         self.files = [Path(f) for f in files]
         self._digest = hashlib.sha256(f"{checks}\n{duckdb.__version__}".encode()).hexdigest()
+        self._seen: dict[Path, Path] = {}
 
     def _marker(self, path: Path) -> Path:
         st = path.stat()
@@ -40,16 +41,21 @@ class ValidatedFiles:
         return self.folder / (hashlib.sha256(identity.encode()).hexdigest() + ".ok")
 
     def unchecked(self) -> list[Path]:
-        """The files without a marker, in the given order."""
-        return [f for f in self.files if not self._marker(f).exists()]
+        """The files without a marker, in the given order. Their identities are taken now,
+        before the caller reads them: :meth:`mark` marks those, not what the files became."""
+        self._seen = {f: self._marker(f) for f in self.files}
+        return [f for f, marker in self._seen.items() if not marker.exists()]
 
     def mark(self, files: Iterable[Path]) -> None:
-        """Record ``files`` as clean. A marker that cannot be written only costs a check next
-        time: the log was valid either way."""
+        """Record ``files`` as clean, as they were when :meth:`unchecked` looked; a file
+        changed since (rewritten or replaced while it was read) is left to the next check.
+        A marker that cannot be written only costs a check next time."""
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             for f in files:
-                marker = self._marker(f)
+                marker = self._seen.get(f)
+                if marker is None or not f.exists() or self._marker(f) != marker:
+                    continue
                 tmp = marker.with_name(f".{marker.name}.{uuid.uuid4().hex[:6]}")
                 tmp.write_text(f"{Path(f).resolve()}\n")
                 os.replace(tmp, marker)

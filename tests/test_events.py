@@ -75,6 +75,7 @@ def test_unparseable_signup_and_missing_user_ids_in_users_are_rejected_with_rows
         from_frames(ev, pd.DataFrame({"user_id": ["a", None]}))
 
 
+
 def test_event_files_found_clean_are_checked_again_only_when_they_change(tmp_path):
     import os
 
@@ -86,32 +87,50 @@ def test_event_files_found_clean_are_checked_again_only_when_they_change(tmp_pat
     assert open_log(folder, validated_dir=marks).query_df("SELECT count(*) AS n FROM events")["n"][0] == 2
     assert len(list(marks.glob("*.ok"))) == 1
     # a new file is checked on its own; its bad row is reported with the file it is in
-    make_events([("b", "2026-01-02", "opn")]).to_parquet(folder / "part-2.parquet")
+    bad = folder / "part-2.parquet"
+    make_events([("b", "2026-01-02", "opn")]).to_parquet(bad)
     with pytest.raises(EventLogError, match=r"column 'event': 1 row\(s\).*part-2\.parquet"):
         open_log(folder, validated_dir=marks)
     assert len(list(marks.glob("*.ok"))) == 1          # a file with bad rows gets no marker
     # the marker is what is trusted: a file marked clean is not read again ...
     files = sorted(folder.glob("*.parquet"))
-    ValidatedFiles(marks, files, "").mark(files)       # (a marker of other checks does not count)
+    other = ValidatedFiles(marks, files, "other checks")
+    other.unchecked()
+    other.mark(files)                                  # a marker of other checks does not count
     with pytest.raises(EventLogError, match=r"1 row\(s\)"):
         open_log(folder, validated_dir=marks)
-    bad = folder / "part-2.parquet"
-    checks = _checks_digest(folder)
-    ValidatedFiles(marks, [bad], checks).mark([bad])
+    _mark_as_open_log_would(folder, marks, [bad])
     assert open_log(folder, validated_dir=marks).query_df("SELECT count(*) AS n FROM events")["n"][0] == 3
     # ... until it changes: touched, it is checked again
     os.utime(bad, ns=(bad.stat().st_atime_ns, bad.stat().st_mtime_ns + 1000))
     with pytest.raises(EventLogError, match=r"column 'event': 1 row\(s\)"):
         open_log(folder, validated_dir=marks)
+    # ... or when the log's schema changes (a new file with another column)
+    _mark_as_open_log_would(folder, marks, [bad])
+    make_events([("c", "2026-01-03", "send")]).assign(channel="push").to_parquet(folder / "part-3.parquet")
+    with pytest.raises(EventLogError, match=r"column 'event': 1 row\(s\)"):
+        open_log(folder, validated_dir=marks)
+    # a file rewritten while it was being checked keeps no marker of what was checked
+    (folder / "part-3.parquet").unlink()
+    make_events([("b", "2026-01-02", "open")]).to_parquet(bad)
+    racing = ValidatedFiles(marks, [bad], "race")
+    assert racing.unchecked() == [bad]
+    before = set(marks.glob("*.ok"))
+    make_events([("b", "2026-01-02", "opn")]).to_parquet(bad)
+    racing.mark([bad])
+    assert set(marks.glob("*.ok")) == before
+    assert racing.unchecked() == [bad]
     # without the markers' folder every row is checked every time
     with pytest.raises(EventLogError):
         open_log(folder)
 
 
-def _checks_digest(folder) -> str:
-    """The digest open_log marks ``folder``'s files with."""
-    from features.events import checks_digest, connect_duckdb, source_sql
+def _mark_as_open_log_would(folder, marks, files) -> None:
+    """Plant markers for ``files`` under the digest open_log uses for ``folder`` now."""
+    from features.events import checks_digest
+    from features.validated import ValidatedFiles
 
-    con = connect_duckdb()
-    con.execute(f"CREATE TEMP VIEW events_source AS SELECT * FROM {source_sql(folder, 'events')}")
-    return checks_digest(con)
+    log = open_log(folder, quarantine=folder.parent / "quarantine.parquet")   # builds the views
+    known = ValidatedFiles(marks, files, checks_digest(log.con))
+    known.unchecked()
+    known.mark(files)
