@@ -5,6 +5,7 @@ And one place that decides the as-of time of a job."""
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,7 +38,8 @@ def _fsync_file(path: Path) -> None:
 def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it replaces ``target``.
 
-    On any failure the temporary file is removed and ``target`` is left as it was.
+    The caller may make it a file or a folder. On any failure it is removed and ``target``
+    is left as it was (a folder replaces only a missing or empty ``target``).
     ``durable=False``: no fsync before the rename, for files inside a folder that is
     synced as a whole before anything points at it (a refresh being built).
     """
@@ -52,7 +54,9 @@ def atomic_path(target: str | Path, durable: bool = True) -> Iterator[Path]:
         if durable:
             fsync_dir(target.parent)
     finally:
-        if tmp.exists():
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
             tmp.unlink()
 
 

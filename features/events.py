@@ -338,16 +338,13 @@ def _check_events(con: duckdb.DuckDBPyConnection, quarantine: Path | None, preva
         known = ValidatedFiles(validated_dir, files, checks_digest(con))
         todo = known.unchecked()   # their identities as of now, before their rows are read
         log.debug("events: %d of %d file(s) to check (the rest checked before)", len(todo), len(files))
-        if not todo:
-            con.execute("CREATE OR REPLACE TEMP VIEW clean_events AS SELECT * FROM raw_events")
-            return 0
         if len(todo) < len(files):
             listing = ", ".join(sql_quote(str(f)) for f in todo)
-            scope = f"raw_events_base WHERE filename IN ({listing})"
+            scope = f"raw_events_base WHERE filename IN ({listing})" if todo else None
     counts = con.execute(
         "SELECT " + ", ".join(f"count(*) FILTER (WHERE {c})" for c in conditions.values())
         + f" FROM {scope}"
-    ).fetchall()[0]
+    ).fetchall()[0] if scope else [0] * len(conditions)
     problems = []
     for (col, (_, text, shown)), n in zip(_EVENT_CHECKS.items(), counts):
         if not n:
@@ -619,8 +616,7 @@ def open_log(
         )
     return _assemble(con, default_timezone, Path(quarantine) if quarantine else None,
                      {"events": str(events), "users": str(users) if users else ""}, materialize_max_rows,
-                     partition, prevalidated, files if validated_dir is not None else None,
-                     Path(validated_dir) if validated_dir is not None else None)
+                     partition, prevalidated, files, Path(validated_dir) if validated_dir is not None else None)
 
 
 def from_frames(

@@ -24,10 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -37,7 +35,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from configs import EVENT_NAMES, Config, SendtimeError, fsync_dir, write_atomic
+from configs import EVENT_NAMES, Config, SendtimeError, atomic_path, write_atomic
 from features.attribution import attributed_sends_sql, opened_flags, slot_expr
 from features.events import EventLog, process_cores, sql_quote, sql_ts
 from features.families import (
@@ -1119,18 +1117,12 @@ def _write_arrays(folder: Path, arrays: dict[str, np.ndarray]) -> None:
     write and 3.2 s to read at 1M users, against 2.0 s each. Not synced here: a state lives
     in a refresh folder, which is synced as a whole before it is published (syncing 1.5 GB
     here held the refresh 6 s; by the publish the kernel has written most of it back)."""
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_path(folder, durable=False) as tmp:
+        tmp.mkdir()
         for name, values in arrays.items():
-            with open(tmp / f"{name}.npy", "wb") as fh:
-                np.save(fh, values)
-        if folder.exists():
+            np.save(tmp / f"{name}.npy", values)
+        if folder.exists():   # a state saved again in the same place: the new one replaces it
             shutil.rmtree(folder)
-        os.replace(tmp, folder)
-        fsync_dir(folder.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_arrays(target: Path) -> dict[str, np.ndarray]:
