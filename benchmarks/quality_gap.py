@@ -1,5 +1,5 @@
 """Where the model's gap to the Bayes bound is: each user's level or the shape over slots,
-and whether the model's own inputs hold a better level.
+and whether the model's own inputs hold what issue #8's targets need.
 
     scripts/quality_report.sh W [C]
     .venv/bin/python benchmarks/quality_gap.py --work W [--config C]
@@ -19,7 +19,7 @@ and the same with each user's daily sessions, sends and opens of the last 28 day
 log added. Its level with the model's shape is what a better level from these inputs could
 give at most, as far as a learner fitted on this many users can tell.
 
-Last a **shape learned from the truth**, the same way: LightGBM on log(true shape) of each
+Then a **shape learned from the truth**, the same way: LightGBM on log(true shape) of each
 (user, slot), from every per-slot family the snapshot holds at that slot and the learned
 rhythm's open rates and the user's session shares at all slots, turned so the slot comes
 first; normalised over each user's slots and put under the model's level. Then the same with
@@ -29,7 +29,7 @@ weekdays and on weekends apart (the Bayes posterior reads them apart), turned th
 Last, level and shape together: LightGBM with a cross-entropy objective on each (user, slot)'s
 true probability (the expected log loss itself), from the per-slot rows and the user inputs
 side by side, cross-fitted the same way (``--skip-joint`` leaves it out: it is the slowest
-part, about 10 minutes on 2 cores at 20,000 users). If it meets the target, the models' inputs
+part, about 5 minutes on 2 cores at 20,000 users). If it meets the target, the models' inputs
 hold what the target needs, and the gap is in what the models learn from sends.
 """
 
@@ -81,12 +81,16 @@ def _daily_counts(events: Path, as_of: pd.Timestamp, user_ids: np.ndarray) -> pd
     return pd.DataFrame(out, index=user_ids)
 
 
-def _cross_fitted(x: pd.DataFrame, y: np.ndarray, folds: int = 5, seed: int = 0) -> np.ndarray:
-    fold = np.random.default_rng(seed).permutation(len(y)) % folds
+FOLDS = 5
+_BASE = {"learning_rate": 0.05, "feature_fraction": 0.8, "verbose": -1, "num_threads": 2, "seed": 0}
+USER_PARAMS = {**_BASE, "objective": "l2", "num_leaves": 31, "min_data_in_leaf": 50}     # a row per user
+SLOT_PARAMS = {**_BASE, "objective": "l2", "num_leaves": 63, "min_data_in_leaf": 100}    # a row per (user, slot)
+
+
+def _cross_fitted(x: pd.DataFrame, y: np.ndarray, fold: np.ndarray, params: dict) -> np.ndarray:
+    """Each row's prediction from LightGBM fitted on the other folds' rows."""
     out = np.empty(len(y))
-    params = {"objective": "l2", "learning_rate": 0.05, "num_leaves": 31, "min_data_in_leaf": 50,
-              "feature_fraction": 0.8, "verbose": -1, "num_threads": 2, "seed": seed}
-    for f in range(folds):
+    for f in range(FOLDS):
         fit, held = fold != f, fold == f
         booster = lgb.train(params, lgb.Dataset(x[fit], y[fit]), num_boost_round=400)
         out[held] = booster.predict(x[held])
@@ -98,12 +102,11 @@ def _slot_rows(matrix, positions: np.ndarray, extra: dict[str, np.ndarray] | Non
     rhythm and session profile over all slots (and each ``extra`` (users, slots) array),
     turned to start at the row's slot."""
     n, slots = len(positions), matrix.n_slots
+    at_users = {name: np.asarray(values[positions], dtype=float) for name, values in matrix.slots.items()}
     columns = {"slot": np.tile(np.arange(slots, dtype=float), n)}
-    for name, values in matrix.slots.items():
-        columns[name] = np.asarray(values[positions], dtype=float).ravel()
+    columns.update({name: values.ravel() for name, values in at_users.items()})
     turn = (np.arange(slots)[:, None] + np.arange(slots)[None, :]) % slots   # (slot, offset)
-    profiles = {name: np.asarray(matrix.slots[name][positions], dtype=float)
-                for name in ("rhythm_open", "session_share") if name in matrix.slots}
+    profiles = {name: at_users[name] for name in ("rhythm_open", "session_share") if name in at_users}
     for name, values in {**profiles, **(extra or {})}.items():
         turned = values[:, turn]   # (n, slot, offset)
         for k in range(0 if name in (extra or {}) else 1, slots):
@@ -169,21 +172,20 @@ def main() -> None:
         inputs["rhythm_expected_mean"] = np.asarray(matrix.slots["rhythm_expected"][positions]).mean(axis=1)
     daily = _daily_counts(data / "events.parquet", as_of, user_ids).reset_index(drop=True)
     y = np.log(t.mean(axis=1))
+    # folds by user, shared by every fit: a user's slots never sit on both sides
+    user_fold = np.random.default_rng(0).permutation(len(t)) % FOLDS
+    slot_fold = np.repeat(user_fold, matrix.n_slots)
     print("a level learned from the truth (LightGBM on log true level, 5-fold cross-fitting over users), "
           "with the model's shape:")
     levels = []
     for name, x in ((f"the models' user inputs ({inputs.shape[1]} columns)", inputs),
                     (f"the same + daily counts of the last {DAILY_DAYS} days", pd.concat([inputs, daily], axis=1))):
-        level = np.exp(_cross_fitted(x, y))[:, None]
+        level = np.exp(_cross_fitted(x, y, user_fold, USER_PARAMS))[:, None]
         levels.append(level)
         print(f"  {name:52s} {excess(_shape(m) * level):+.2%}  (log level MSE {np.mean((np.log(level[:, 0]) - y) ** 2):.4f})")
     print(f"  {'the model (tags)':52s} {excess(m):+.2%}  (log level MSE {np.mean((np.log(_level(m)[:, 0]) - y) ** 2):.4f})")
     target_shape = np.log(_shape(t)).ravel()
-    # folds by user: a user's slots never sit on both sides
-    user_fold = np.random.default_rng(0).permutation(len(t)) % 5
-    fold = np.repeat(user_fold, matrix.n_slots)
-    params = {"objective": "l2", "learning_rate": 0.05, "num_leaves": 63, "min_data_in_leaf": 100,
-              "feature_fraction": 0.8, "verbose": -1, "num_threads": 2, "seed": 0}
+    slot_rows = _slot_rows(matrix, positions)
     opened = evidence.by_hour(opened_only=True)[keep]
     day_types = {"weekday_sessions": evidence.sessions[keep, 0], "weekend_sessions": evidence.sessions[keep, 1],
                  "weekday_opens": opened[:, 0], "weekend_opens": opened[:, 1]}
@@ -193,26 +195,16 @@ def main() -> None:
     if matrix.n_slots == 24:   # the evidence is by local hour of day
         variants.append(("the same + sessions and opens by hour, weekdays and weekends apart", day_types))
     for name, extra in variants:
-        rows = _slot_rows(matrix, positions, extra)
-        fitted = np.empty(len(target_shape))
-        for f in range(5):
-            fit, held = fold != f, fold == f
-            booster = lgb.train(params, lgb.Dataset(rows[fit], target_shape[fit]), num_boost_round=400)
-            fitted[held] = booster.predict(rows[held])
+        rows = slot_rows if extra is None else _slot_rows(matrix, positions, extra)
+        fitted = _cross_fitted(rows, target_shape, slot_fold, SLOT_PARAMS)
         shape = _shape(np.exp(fitted).reshape(len(t), matrix.n_slots))
         label = f"{name} ({rows.shape[1]} columns)"
         print(f"  {label:90s} {excess(shape * _level(m)):+.2%} / {excess(shape * _level(b)):+.2%}"
               f"  capture {capture(shape):.4f}; with the level learned from the truth {excess(shape * levels[-1]):+.2%}")
     if not args.skip_joint:
-        rows = _slot_rows(matrix, positions)
-        rows = pd.concat([rows, inputs.loc[np.repeat(np.arange(len(inputs)), matrix.n_slots)].reset_index(drop=True)],
-                         axis=1)
-        fitted = np.empty(len(target_shape))
-        for f in range(5):
-            fit, held = fold != f, fold == f
-            booster = lgb.train({**params, "objective": "cross_entropy"}, lgb.Dataset(rows[fit], t.ravel()[fit]),
-                                num_boost_round=400)
-            fitted[held] = booster.predict(rows[held])
+        rows = pd.concat([slot_rows, inputs.loc[np.repeat(np.arange(len(inputs)), matrix.n_slots)]
+                          .reset_index(drop=True)], axis=1)
+        fitted = _cross_fitted(rows, t.ravel(), slot_fold, {**SLOT_PARAMS, "objective": "cross_entropy"})
         joint = fitted.reshape(len(t), matrix.n_slots)
         value = excess(joint)
         print(f"level and shape together (cross-entropy on the true probability of each user and slot, "

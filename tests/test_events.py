@@ -75,7 +75,6 @@ def test_unparseable_signup_and_missing_user_ids_in_users_are_rejected_with_rows
         from_frames(ev, pd.DataFrame({"user_id": ["a", None]}))
 
 
-
 def test_event_files_found_clean_are_checked_again_only_when_they_change(tmp_path):
     import os
 
