@@ -439,7 +439,8 @@ def fit_rhythm(activity: np.ndarray, sends: np.ndarray, opened: np.ndarray, user
     return fit_rhythm_basis(activity, sends, opened, n_components=f.rhythm_components, n_starts=f.rhythm_starts,
                             iterations=f.rhythm_fit_iterations, min_evidence=f.rhythm_min_evidence,
                             max_fit_users=f.rhythm_max_fit_users, user_ids=user_ids,
-                            population=population, harmonics=harmonics, threads=process_cores()).to_dict()
+                            population=population, harmonics=harmonics, threads=process_cores(),
+                            background_share=f.rhythm_background_share).to_dict()
 
 
 def with_rhythm(priors: PopulationPriors, state: FeatureState, cfg: Config) -> PopulationPriors:

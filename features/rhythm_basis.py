@@ -64,6 +64,10 @@ class RhythmBasis:
     prior: np.ndarray        # (starts, K) Dirichlet pseudo-counts of a user's mix
     overall_rate: float      # the fit users' opened / sends (0: a log without sends)
     population: str = ""     # which users it was fitted on
+    # (starts, n_slots) engagement that is nobody's rhythm, the same for every user: its sum
+    # is that share of each user's engagement, spread over the slots as everyone's is (None:
+    # every event is the user's own rhythm)
+    background: np.ndarray | None = None
 
     @property
     def n_starts(self) -> int:
@@ -75,13 +79,15 @@ class RhythmBasis:
 
     def to_dict(self) -> dict:
         return {"shapes": self.shapes.tolist(), "open_rates": self.open_rates.tolist(),
-                "prior": self.prior.tolist(), "overall_rate": self.overall_rate, "population": self.population}
+                "prior": self.prior.tolist(), "overall_rate": self.overall_rate, "population": self.population,
+                "background": None if self.background is None else self.background.tolist()}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RhythmBasis":
         return cls(shapes=np.asarray(data["shapes"], dtype=float), open_rates=np.asarray(data["open_rates"], dtype=float),
                    prior=np.asarray(data["prior"], dtype=float), overall_rate=float(data["overall_rate"]),
-                   population=data.get("population", ""))
+                   population=data.get("population", ""),
+                   background=None if data.get("background") is None else np.asarray(data["background"], dtype=float))
 
 
 def _initial_shapes(n_components: int, n_slots: int, offset: float) -> np.ndarray:
@@ -95,9 +101,16 @@ def _initial_shapes(n_components: int, n_slots: int, offset: float) -> np.ndarra
     return bumps / bumps.sum(axis=1, keepdims=True)
 
 
+def _own(activity: np.ndarray, mix: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """The part of each user's engagement by slot their own rhythm ``mix`` (rows sum to 1)
+    accounts for beside the ``background`` (sums to its share): the E step of the two."""
+    own = (1.0 - background.sum()) * mix
+    return activity * own / (own + background + _TINY)
+
+
 def _weight_step(weights: np.ndarray, activity: np.ndarray, opened: np.ndarray | None, shapes: np.ndarray,
                  open_rates: np.ndarray, prior: np.ndarray, totals: np.ndarray,
-                 exposure: np.ndarray | None) -> np.ndarray:
+                 exposure: np.ndarray | None, background: np.ndarray | None = None) -> np.ndarray:
     """One minorise-maximise step of every user's mix (rows on the simplex).
 
     The user's log posterior in the mix w: sum_s a_s log(w.B_s) - A log(sum w) (engagement by
@@ -105,10 +118,16 @@ def _weight_step(weights: np.ndarray, activity: np.ndarray, opened: np.ndarray |
     slots the opens fell in, given where the sends went: unopened sends count through the
     exposure, the user's own open level profiled out), + sum_k prior_k log(w_k / sum w).
     Jensen on the log-sums and tangents on the -log terms give a closed-form update that
-    never lowers it. ``totals``: (A + sum prior, O) per user; ``exposure``: sends @ C.T."""
+    never lowers it. ``totals``: (A + sum prior, O) per user; ``exposure``: sends @ C.T.
+    With a ``background``, a user's engagement is the background plus their own mix (its
+    weight 1 - the background's share), and the mix is moved on the part of it the mix
+    accounts for (an EM step of the two inside the MM step: neither lowers the posterior)."""
     mix = weights @ shapes + _TINY
-    gain = weights * ((activity / mix) @ shapes.T)
     total = totals[:, :1]
+    if background is not None:
+        activity = _own(activity, mix, background)
+        total = activity.sum(axis=1, keepdims=True) + prior.sum()
+    gain = weights * ((activity / mix) @ shapes.T)
     if opened is not None:
         rate = weights @ open_rates + _TINY
         expected = (weights * exposure).sum(axis=1, keepdims=True) + _TINY
@@ -155,10 +174,14 @@ def _smooth(profiles: np.ndarray, harmonics: int) -> np.ndarray:
 
 def _fit_one(a: np.ndarray, s: np.ndarray | None, o: np.ndarray | None, evidence: np.ndarray, n_components: int,
              offset: float, iterations: int, min_evidence: float, rate_pseudo_sends: float,
-             overall: float, harmonics: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One start's (shapes, open rates, prior), components ordered by their peak slot."""
+             overall: float, harmonics: int = 0,
+             background_share: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """One start's (shapes, open rates, prior, background), components ordered by their peak
+    slot; ``background_share`` > 0: that share of engagement is nobody's rhythm, its shape
+    learned (else None)."""
     n_slots = a.shape[1]
     shapes = _initial_shapes(n_components, n_slots, offset)
+    floor = np.full(n_slots, background_share / n_slots) if background_share > 0 else None
     open_rates = np.full((n_components, n_slots), max(overall, 1e-3))
     # the basis is learned from near-maximum-likelihood mixes; the prior from them at the end
     flat = np.full(n_components, _FLAT_PRIOR)
@@ -166,7 +189,12 @@ def _fit_one(a: np.ndarray, s: np.ndarray | None, o: np.ndarray | None, evidence
     weights = np.full((len(a), n_components), 1.0 / n_components)
     for _ in range(iterations):
         mix = weights @ shapes + _TINY
-        new_shapes = shapes * (weights.T @ (a / mix)) + 1e-6
+        own = a if floor is None else _own(a, mix, floor)
+        new_shapes = shapes * (weights.T @ (own / mix)) + 1e-6
+        if floor is not None:
+            # its shape: the engagement the users' own mixes leave over; its share stays
+            left = (a - own).sum(axis=0) + _TINY
+            floor = background_share * left / left.sum()
         if o is not None:
             # Poisson in the opens of each (user, slot), exposure = sends x the user's level
             rate = weights @ open_rates + _TINY
@@ -180,7 +208,7 @@ def _fit_one(a: np.ndarray, s: np.ndarray | None, o: np.ndarray | None, evidence
             open_rates = _smooth((numer + rate_pseudo_sends * centre) / (denom + rate_pseudo_sends), harmonics)
         shapes = new_shapes / new_shapes.sum(axis=1, keepdims=True)
         weights = _weight_step(weights, a, o, shapes, open_rates, flat, totals,
-                               s @ open_rates.T if o is not None else None)
+                               s @ open_rates.T if o is not None else None, floor)
     prior = _dirichlet_prior(weights, evidence, min_evidence)
     if o is not None:
         open_rates = open_rates / open_rates.mean()   # one common scale: relative rates
@@ -188,7 +216,7 @@ def _fit_one(a: np.ndarray, s: np.ndarray | None, o: np.ndarray | None, evidence
         # nothing says when this log's users answer a message: their engagement is the best guess
         open_rates = shapes * n_slots
     order = np.argsort(shapes.argmax(axis=1), kind="stable")
-    return shapes[order], open_rates[order], prior[order]
+    return shapes[order], open_rates[order], prior[order], floor
 
 
 def fit_evidence(activity: np.ndarray, opened: np.ndarray | None = None) -> np.ndarray:
@@ -218,7 +246,7 @@ def fit_rhythm_basis(activity: np.ndarray, sends: np.ndarray | None = None, open
                      n_components: int = 6, n_starts: int = 4, iterations: int = 60, min_evidence: float = 30.0,
                      max_fit_users: int = 50_000, rate_pseudo_sends: float = 1.0,
                      user_ids: np.ndarray | None = None, population: str = "",
-                     harmonics: int = 0, threads: int = 1) -> RhythmBasis:
+                     harmonics: int = 0, threads: int = 1, background_share: float = 0.0) -> RhythmBasis:
     """The basis of a population from its per-slot evidence (rows: users, columns: slots).
 
     ``activity``: engagement by slot (sessions, purchases; age-weighted counts are fine);
@@ -231,7 +259,10 @@ def fit_rhythm_basis(activity: np.ndarray, sends: np.ndarray | None = None, open
     ``user_ids``: the rows' ids, to pick the fit's users by id (:func:`fit_rows`);
     ``harmonics``: each component's open rates keep this many Fourier harmonics of the slot
     cycle (0: every slot free); ``threads``: starts fitted at once (each on one BLAS thread;
-    the numbers do not depend on it).
+    the numbers do not depend on it); ``background_share``: with sends, this share of every
+    user's engagement is taken as nobody's rhythm (generic use of the app, the same hours
+    for everyone: its shape is learned as what the users' own mixes leave over), so a user's
+    mix, and the open rhythm read from it, is fitted to the rest (0: all of it is theirs).
     """
     given = sends is not None and opened is not None
     # float64 copies of the fit's users only (at 1M users a whole copy is 200 MB an array)
@@ -253,14 +284,16 @@ def fit_rhythm_basis(activity: np.ndarray, sends: np.ndarray | None = None, open
         flat = np.full((n_starts, n_components, n_slots), 1.0 / n_slots)
         return RhythmBasis(shapes=flat, open_rates=flat * n_slots, prior=np.ones((n_starts, n_components)),
                            overall_rate=overall, population=population)
-    def one_start(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def one_start(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         return _fit_one(a, s, o, evidence[rows], n_components, start / n_starts, iterations, min_evidence,
-                        rate_pseudo_sends, overall, harmonics)
+                        rate_pseudo_sends, overall, harmonics, background_share if s is not None else 0.0)
 
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max(1, threads)) as pool:
         fits = list(pool.map(one_start, range(n_starts)))
+    floors = None if fits[0][3] is None else np.stack([f[3] for f in fits])
     return RhythmBasis(shapes=np.stack([f[0] for f in fits]), open_rates=np.stack([f[1] for f in fits]),
-                       prior=np.stack([f[2] for f in fits]), overall_rate=overall, population=population)
+                       prior=np.stack([f[2] for f in fits]), overall_rate=overall, population=population,
+                       background=floors)
 
 
 def rhythm_weights(basis: RhythmBasis, activity: np.ndarray, sends: np.ndarray | None = None,
@@ -275,8 +308,13 @@ def rhythm_weights(basis: RhythmBasis, activity: np.ndarray, sends: np.ndarray |
     for m in range(basis.n_starts):
         prior = basis.prior[m]
         out[m] = _climb(_prior_mix(prior, len(activity)), iterations, activity, s, o, basis.shapes[m],
-                        basis.open_rates[m], prior, _totals(activity, o, prior))
+                        basis.open_rates[m], prior, _totals(activity, o, prior), _floor(basis, m))
     return out
+
+
+def _floor(basis: RhythmBasis, start: int) -> np.ndarray | None:
+    """The background of one start's basis (None: it has none)."""
+    return None if basis.background is None else basis.background[start]
 
 
 def _prior_mix(prior: np.ndarray, n: int) -> np.ndarray:
@@ -285,12 +323,13 @@ def _prior_mix(prior: np.ndarray, n: int) -> np.ndarray:
 
 
 def _climb(w: np.ndarray, steps: int, activity: np.ndarray, sends: np.ndarray | None, opened: np.ndarray | None,
-           shapes: np.ndarray, open_rates: np.ndarray, prior: np.ndarray, totals: np.ndarray) -> np.ndarray:
+           shapes: np.ndarray, open_rates: np.ndarray, prior: np.ndarray, totals: np.ndarray,
+           background: np.ndarray | None = None) -> np.ndarray:
     """``steps`` of :func:`_weight_step` from the mixes ``w`` (opened None: engagement only)."""
     # the sends' exposure to each component stays put while the mix moves
     exposure = sends @ open_rates.T if opened is not None else None
     for _ in range(steps):
-        w = _weight_step(w, activity, opened, shapes, open_rates, prior, totals, exposure)
+        w = _weight_step(w, activity, opened, shapes, open_rates, prior, totals, exposure, background)
     return w
 
 
@@ -309,9 +348,13 @@ def _shifted(profiles: np.ndarray, shift: float) -> np.ndarray:
 
 
 def _log_posterior(weights: np.ndarray, activity: np.ndarray, opened: np.ndarray | None, sends: np.ndarray | None,
-                   shapes: np.ndarray, open_rates: np.ndarray, prior: np.ndarray) -> np.ndarray:
+                   shapes: np.ndarray, open_rates: np.ndarray, prior: np.ndarray,
+                   background: np.ndarray | None = None) -> np.ndarray:
     """Each user's log posterior at their mix (the objective :func:`_weight_step` climbs)."""
-    out = (activity * np.log(weights @ shapes + _TINY)).sum(axis=1) + (prior * np.log(weights + _TINY)).sum(axis=1)
+    engagement = weights @ shapes
+    if background is not None:
+        engagement = (1.0 - background.sum()) * engagement + background
+    out = (activity * np.log(engagement + _TINY)).sum(axis=1) + (prior * np.log(weights + _TINY)).sum(axis=1)
     if opened is not None:
         rate = weights @ open_rates
         out += (opened * np.log(rate + _TINY)).sum(axis=1) - opened.sum(axis=1) * np.log((sends * rate).sum(axis=1) + _TINY)
@@ -332,6 +375,8 @@ def _rhythm_over_shifts(basis: RhythmBasis, activity: np.ndarray, sends: np.ndar
     for m in range(basis.n_starts):
         prior = basis.prior[m]
         totals = _totals(activity, opened, prior)
+        # nobody's rhythm: the same for every user, so it is not shifted
+        floor = _floor(basis, m)
         # the shifts' posterior weights as a running log-sum, so only one shift's arrays are held
         start = top = mass = share_m = rhythm_m = None
         for shift in order:
@@ -339,17 +384,19 @@ def _rhythm_over_shifts(basis: RhythmBasis, activity: np.ndarray, sends: np.ndar
             shapes = shapes / shapes.sum(axis=1, keepdims=True)
             open_rates = _shifted(basis.open_rates[m], shift)
             if start is None:
-                w = _climb(_prior_mix(prior, n), iterations, activity, sends, opened, shapes, open_rates, prior, totals)
+                w = _climb(_prior_mix(prior, n), iterations, activity, sends, opened, shapes, open_rates, prior, totals,
+                           floor)
             else:
-                w = _climb(start.copy(), shift_iterations, activity, sends, opened, shapes, open_rates, prior, totals)
+                w = _climb(start.copy(), shift_iterations, activity, sends, opened, shapes, open_rates, prior, totals,
+                           floor)
             one = w @ open_rates
             one /= one.mean(axis=1, keepdims=True) + _TINY
             if start is None:
                 start, share_m, rhythm_m = w, w @ shapes, one
                 if len(order) > 1:
-                    top, mass = _log_posterior(w, activity, opened, sends, shapes, open_rates, prior), np.ones(n)
+                    top, mass = _log_posterior(w, activity, opened, sends, shapes, open_rates, prior, floor), np.ones(n)
                 continue
-            log_post = _log_posterior(w, activity, opened, sends, shapes, open_rates, prior)
+            log_post = _log_posterior(w, activity, opened, sends, shapes, open_rates, prior, floor)
             new_top = np.maximum(top, log_post)
             old, this = np.exp(top - new_top)[:, None], np.exp(log_post - new_top)[:, None]
             mass = mass * old[:, 0] + this[:, 0]
