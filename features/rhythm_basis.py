@@ -123,11 +123,15 @@ def _weight_step(weights: np.ndarray, activity: np.ndarray, opened: np.ndarray |
     weight 1 - the background's share), and the mix is moved on the part of it the mix
     accounts for (an EM step of the two inside the MM step: neither lowers the posterior)."""
     mix = weights @ shapes + _TINY
-    total = totals[:, :1]
-    if background is not None:
-        activity = _own(activity, mix, background)
-        total = activity.sum(axis=1, keepdims=True) + prior.sum()
-    gain = weights * ((activity / mix) @ shapes.T)
+    if background is None:
+        ratio = activity / mix
+        total = totals[:, :1]
+    else:
+        # the own part over the mix, (1 - share) a / ((1 - share) mix + background), in one pass
+        own = 1.0 - background.sum()
+        ratio = activity * (own / (own * mix + background + _TINY))
+        total = (ratio * mix).sum(axis=1, keepdims=True) + prior.sum()
+    gain = weights * (ratio @ shapes.T)
     if opened is not None:
         rate = weights @ open_rates + _TINY
         expected = (weights * exposure).sum(axis=1, keepdims=True) + _TINY
