@@ -77,6 +77,7 @@ def main() -> None:
     state = build_state(log, start, cfg)
     held = log.query_df(attributed_sends_sql(start, as_of - timedelta(hours=window), as_of, window, cfg.slots.kind))
     rows = pd.Index(state.user_ids).get_indexer(held["user_id"])
+    unknown = int((rows < 0).sum())     # sends to users first seen after the fit: no rhythm to score
     held = held[rows >= 0]
     rows = rows[rows >= 0]
     shape = (len(state), state.slots["sends"].shape[1])
@@ -85,7 +86,8 @@ def main() -> None:
     np.add.at(opened, (rows, held["slot"].to_numpy()), held["opened"].to_numpy().astype(float))
     answered = opened.sum(axis=1) > 0
     print(f"rhythm fitted as of {start:%Y-%m-%d %H:%M}; scored on {int(sent.sum()):,} later sends, "
-          f"{int(opened.sum()):,} opened, of {int((sent.sum(axis=1) > 0).sum()):,} users")
+          f"{int(opened.sum()):,} opened, of {int((sent.sum(axis=1) > 0).sum()):,} users "
+          f"({unknown:,} sends to users first seen after it left out)")
     if args.truth is not None:
         truth = pd.read_parquet(args.truth)
         true_p = np.vstack(truth["true_open_probs"].to_numpy())
