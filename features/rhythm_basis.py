@@ -14,6 +14,9 @@ them. So, from everyone known at T:
   learned from the population (:func:`rhythm_weights`): every engagement event's slot and
   every send's outcome at its slot weigh in, so a user with little evidence stays near the
   population's mix and a user with much evidence gets their own;
+- optionally a background (``background_share``): a share of everyone's engagement that is
+  nobody's rhythm (the hours at which everyone uses the app), its shape learned as what the
+  users' own mixes leave over, so each user's mix is read from the rest;
 - per-slot values from that mix (:func:`rhythm_families`): the engagement profile, the open
   rhythm (the mix of the components' open rates, mean 1 over slots) and an open propensity
   at the slot (the user's level times the rhythm, pooled with the user's own sends and
@@ -185,7 +188,7 @@ def _fit_one(a: np.ndarray, s: np.ndarray | None, o: np.ndarray | None, evidence
     learned (else None)."""
     n_slots = a.shape[1]
     shapes = _initial_shapes(n_components, n_slots, offset)
-    floor = np.full(n_slots, background_share / n_slots) if background_share > 0 else None
+    background = np.full(n_slots, background_share / n_slots) if background_share > 0 else None
     open_rates = np.full((n_components, n_slots), max(overall, 1e-3))
     # the basis is learned from near-maximum-likelihood mixes; the prior from them at the end
     flat = np.full(n_components, _FLAT_PRIOR)
@@ -193,12 +196,12 @@ def _fit_one(a: np.ndarray, s: np.ndarray | None, o: np.ndarray | None, evidence
     weights = np.full((len(a), n_components), 1.0 / n_components)
     for _ in range(iterations):
         mix = weights @ shapes + _TINY
-        own = a if floor is None else _own(a, mix, floor)
+        own = a if background is None else _own(a, mix, background)
         new_shapes = shapes * (weights.T @ (own / mix)) + 1e-6
-        if floor is not None:
+        if background is not None:
             # its shape: the engagement the users' own mixes leave over; its share stays
             left = (a - own).sum(axis=0) + _TINY
-            floor = background_share * left / left.sum()
+            background = background_share * left / left.sum()
         if o is not None:
             # Poisson in the opens of each (user, slot), exposure = sends x the user's level
             rate = weights @ open_rates + _TINY
@@ -212,7 +215,7 @@ def _fit_one(a: np.ndarray, s: np.ndarray | None, o: np.ndarray | None, evidence
             open_rates = _smooth((numer + rate_pseudo_sends * centre) / (denom + rate_pseudo_sends), harmonics)
         shapes = new_shapes / new_shapes.sum(axis=1, keepdims=True)
         weights = _weight_step(weights, a, o, shapes, open_rates, flat, totals,
-                               s @ open_rates.T if o is not None else None, floor)
+                               s @ open_rates.T if o is not None else None, background)
     prior = _dirichlet_prior(weights, evidence, min_evidence)
     if o is not None:
         open_rates = open_rates / open_rates.mean()   # one common scale: relative rates
@@ -220,7 +223,7 @@ def _fit_one(a: np.ndarray, s: np.ndarray | None, o: np.ndarray | None, evidence
         # nothing says when this log's users answer a message: their engagement is the best guess
         open_rates = shapes * n_slots
     order = np.argsort(shapes.argmax(axis=1), kind="stable")
-    return shapes[order], open_rates[order], prior[order], floor
+    return shapes[order], open_rates[order], prior[order], background
 
 
 def fit_evidence(activity: np.ndarray, opened: np.ndarray | None = None) -> np.ndarray:
@@ -294,10 +297,10 @@ def fit_rhythm_basis(activity: np.ndarray, sends: np.ndarray | None = None, open
 
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max(1, threads)) as pool:
         fits = list(pool.map(one_start, range(n_starts)))
-    floors = None if fits[0][3] is None else np.stack([f[3] for f in fits])
+    backgrounds = None if fits[0][3] is None else np.stack([f[3] for f in fits])
     return RhythmBasis(shapes=np.stack([f[0] for f in fits]), open_rates=np.stack([f[1] for f in fits]),
                        prior=np.stack([f[2] for f in fits]), overall_rate=overall, population=population,
-                       background=floors)
+                       background=backgrounds)
 
 
 def rhythm_weights(basis: RhythmBasis, activity: np.ndarray, sends: np.ndarray | None = None,
@@ -312,11 +315,11 @@ def rhythm_weights(basis: RhythmBasis, activity: np.ndarray, sends: np.ndarray |
     for m in range(basis.n_starts):
         prior = basis.prior[m]
         out[m] = _climb(_prior_mix(prior, len(activity)), iterations, activity, s, o, basis.shapes[m],
-                        basis.open_rates[m], prior, _totals(activity, o, prior), _floor(basis, m))
+                        basis.open_rates[m], prior, _totals(activity, o, prior), _background_of(basis, m))
     return out
 
 
-def _floor(basis: RhythmBasis, start: int) -> np.ndarray | None:
+def _background_of(basis: RhythmBasis, start: int) -> np.ndarray | None:
     """The background of one start's basis (None: it has none)."""
     return None if basis.background is None else basis.background[start]
 
@@ -380,7 +383,7 @@ def _rhythm_over_shifts(basis: RhythmBasis, activity: np.ndarray, sends: np.ndar
         prior = basis.prior[m]
         totals = _totals(activity, opened, prior)
         # nobody's rhythm: the same for every user, so it is not shifted
-        floor = _floor(basis, m)
+        background = _background_of(basis, m)
         # the shifts' posterior weights as a running log-sum, so only one shift's arrays are held
         start = top = mass = share_m = rhythm_m = None
         for shift in order:
@@ -389,18 +392,18 @@ def _rhythm_over_shifts(basis: RhythmBasis, activity: np.ndarray, sends: np.ndar
             open_rates = _shifted(basis.open_rates[m], shift)
             if start is None:
                 w = _climb(_prior_mix(prior, n), iterations, activity, sends, opened, shapes, open_rates, prior, totals,
-                           floor)
+                           background)
             else:
                 w = _climb(start.copy(), shift_iterations, activity, sends, opened, shapes, open_rates, prior, totals,
-                           floor)
+                           background)
             one = w @ open_rates
             one /= one.mean(axis=1, keepdims=True) + _TINY
             if start is None:
                 start, share_m, rhythm_m = w, w @ shapes, one
                 if len(order) > 1:
-                    top, mass = _log_posterior(w, activity, opened, sends, shapes, open_rates, prior, floor), np.ones(n)
+                    top, mass = _log_posterior(w, activity, opened, sends, shapes, open_rates, prior, background), np.ones(n)
                 continue
-            log_post = _log_posterior(w, activity, opened, sends, shapes, open_rates, prior, floor)
+            log_post = _log_posterior(w, activity, opened, sends, shapes, open_rates, prior, background)
             new_top = np.maximum(top, log_post)
             old, this = np.exp(top - new_top)[:, None], np.exp(log_post - new_top)[:, None]
             mass = mass * old[:, 0] + this[:, 0]
