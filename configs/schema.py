@@ -107,6 +107,8 @@ class FeatureConfig(_Frozen):
     rhythm_min_evidence: float = Field(default=30.0, ge=0)
     rhythm_harmonics: int = Field(default=0, ge=0, le=11)
     rhythm_background_share: float = Field(default=0.0, ge=0, lt=1)
+    rhythm_level_groups: int = Field(default=0, ge=0, le=1000)
+    rhythm_level_strength: float = Field(default=8.0, gt=0)
     rhythm_shifts: tuple[float, ...] = (0.0,)
     rhythm_shift_iterations: int = Field(default=3, gt=0)
     rhythm_threads: int = Field(default=0, ge=0)

@@ -440,7 +440,8 @@ def fit_rhythm(activity: np.ndarray, sends: np.ndarray, opened: np.ndarray, user
                             iterations=f.rhythm_fit_iterations, min_evidence=f.rhythm_min_evidence,
                             max_fit_users=f.rhythm_max_fit_users, user_ids=user_ids,
                             population=population, harmonics=harmonics, threads=process_cores(),
-                            background_share=f.rhythm_background_share).to_dict()
+                            background_share=f.rhythm_background_share,
+                            level_groups=f.rhythm_level_groups).to_dict()
 
 
 def with_rhythm(priors: PopulationPriors, state: FeatureState, cfg: Config) -> PopulationPriors:
@@ -519,7 +520,8 @@ def build_matrix(
                                         user_prior_strength=f.user_prior_strength, iterations=f.rhythm_iterations,
                                         keep=tuple(rhythm_wanted), shifts=tuple(f.rhythm_shifts),
                                         shift_iterations=f.rhythm_shift_iterations,
-                                        threads=f.rhythm_threads or process_cores()))
+                                        threads=f.rhythm_threads or process_cores(),
+                                        level_strength=f.rhythm_level_strength))
     stage("per-slot pooling")
     scalars = everyone if everyone is not None else scalar_frame(state, cfg)
     fit = BtydFit.from_dict(priors.btyd) if priors.btyd else None

@@ -55,6 +55,8 @@ RHYTHM_FAMILIES: tuple[str, ...] = (
 _TINY = 1e-12
 # pseudo-counts per component while the basis is fitted: the users' own mixes
 _FLAT_PRIOR = 1e-3
+# pseudo-sends at the population's rate in each send-volume group's pooled rate
+_GROUP_PSEUDO_SENDS = 50.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,11 @@ class RhythmBasis:
     # is that share of each user's engagement, spread over the slots as everyone's is (None:
     # every event is the user's own rhythm)
     background: np.ndarray | None = None
+    # a user's open level is shrunk toward the pooled rate of the users sent to about as often:
+    # (groups - 1) ascending edges of the age-weighted send count, and each group's rate (None:
+    # toward overall_rate)
+    level_edges: np.ndarray | None = None
+    level_rates: np.ndarray | None = None
 
     @property
     def n_starts(self) -> int:
@@ -83,14 +90,27 @@ class RhythmBasis:
     def to_dict(self) -> dict:
         return {"shapes": self.shapes.tolist(), "open_rates": self.open_rates.tolist(),
                 "prior": self.prior.tolist(), "overall_rate": self.overall_rate, "population": self.population,
-                "background": None if self.background is None else self.background.tolist()}
+                "background": None if self.background is None else self.background.tolist(),
+                "level_edges": None if self.level_edges is None else self.level_edges.tolist(),
+                "level_rates": None if self.level_rates is None else self.level_rates.tolist()}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RhythmBasis":
         return cls(shapes=np.asarray(data["shapes"], dtype=float), open_rates=np.asarray(data["open_rates"], dtype=float),
                    prior=np.asarray(data["prior"], dtype=float), overall_rate=float(data["overall_rate"]),
                    population=data.get("population", ""),
-                   background=None if data.get("background") is None else np.asarray(data["background"], dtype=float))
+                   background=_optional(data, "background"), level_edges=_optional(data, "level_edges"),
+                   level_rates=_optional(data, "level_rates"))
+
+    def level_prior(self, sends: np.ndarray) -> np.ndarray | float:
+        """The rate each user's open level is shrunk toward, from their sends by slot."""
+        if self.level_rates is None:
+            return self.overall_rate
+        return self.level_rates[np.searchsorted(self.level_edges, sends.sum(axis=1), side="right")][:, None]
+
+
+def _optional(data: dict, key: str) -> np.ndarray | None:
+    return None if data.get(key) is None else np.asarray(data[key], dtype=float)
 
 
 def _initial_shapes(n_components: int, n_slots: int, offset: float) -> np.ndarray:
@@ -182,10 +202,12 @@ def _smooth(profiles: np.ndarray, harmonics: int) -> np.ndarray:
 def _fit_one(a: np.ndarray, s: np.ndarray | None, o: np.ndarray | None, evidence: np.ndarray, n_components: int,
              offset: float, iterations: int, min_evidence: float, rate_pseudo_sends: float,
              overall: float, harmonics: int = 0,
-             background_share: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """One start's (shapes, open rates, prior, background), components ordered by their peak
-    slot; ``background_share`` > 0: that share of engagement is nobody's rhythm, its shape
-    learned (else None)."""
+             background_share: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None,
+                                                     np.ndarray | None]:
+    """One start's (shapes, open rates, prior, background, exposure), components ordered by
+    their peak slot; ``background_share`` > 0: that share of engagement is nobody's rhythm, its
+    shape learned (else None); exposure: each fit user's sends weighed by their fitted open
+    rhythm (mean 1), what their opens are a rate of (None without sends)."""
     n_slots = a.shape[1]
     shapes = _initial_shapes(n_components, n_slots, offset)
     background = np.full(n_slots, background_share / n_slots) if background_share > 0 else None
@@ -217,13 +239,16 @@ def _fit_one(a: np.ndarray, s: np.ndarray | None, o: np.ndarray | None, evidence
         weights = _weight_step(weights, a, o, shapes, open_rates, flat, totals,
                                s @ open_rates.T if o is not None else None, background)
     prior = _dirichlet_prior(weights, evidence, min_evidence)
+    exposure = None
     if o is not None:
         open_rates = open_rates / open_rates.mean()   # one common scale: relative rates
+        rhythm = weights @ open_rates
+        exposure = (s * rhythm / (rhythm.mean(axis=1, keepdims=True) + _TINY)).sum(axis=1)
     else:
         # nothing says when this log's users answer a message: their engagement is the best guess
         open_rates = shapes * n_slots
     order = np.argsort(shapes.argmax(axis=1), kind="stable")
-    return shapes[order], open_rates[order], prior[order], background
+    return shapes[order], open_rates[order], prior[order], background, exposure
 
 
 def fit_evidence(activity: np.ndarray, opened: np.ndarray | None = None) -> np.ndarray:
@@ -253,7 +278,8 @@ def fit_rhythm_basis(activity: np.ndarray, sends: np.ndarray | None = None, open
                      n_components: int = 6, n_starts: int = 4, iterations: int = 60, min_evidence: float = 30.0,
                      max_fit_users: int = 50_000, rate_pseudo_sends: float = 1.0,
                      user_ids: np.ndarray | None = None, population: str = "",
-                     harmonics: int = 0, threads: int = 1, background_share: float = 0.0) -> RhythmBasis:
+                     harmonics: int = 0, threads: int = 1, background_share: float = 0.0,
+                     level_groups: int = 0) -> RhythmBasis:
     """The basis of a population from its per-slot evidence (rows: users, columns: slots).
 
     ``activity``: engagement by slot (sessions, purchases; age-weighted counts are fine);
@@ -269,7 +295,10 @@ def fit_rhythm_basis(activity: np.ndarray, sends: np.ndarray | None = None, open
     the numbers do not depend on it); ``background_share``: with sends, this share of every
     user's engagement is taken as nobody's rhythm (generic use of the app, the same hours
     for everyone: its shape is learned as what the users' own mixes leave over), so a user's
-    mix, and the open rhythm read from it, is fitted to the rest (0: all of it is theirs).
+    mix, and the open rhythm read from it, is fitted to the rest (0: all of it is theirs);
+    ``level_groups`` > 1: with sends, the fit users are cut into that many groups by their
+    (age-weighted) send count, and each group's pooled open rate is what the level of a user
+    in it is shrunk toward (:meth:`RhythmBasis.level_prior`; 0: the population's rate).
     """
     given = sends is not None and opened is not None
     # float64 copies of the fit's users only (at 1M users a whole copy is 200 MB an array)
@@ -291,16 +320,26 @@ def fit_rhythm_basis(activity: np.ndarray, sends: np.ndarray | None = None, open
         flat = np.full((n_starts, n_components, n_slots), 1.0 / n_slots)
         return RhythmBasis(shapes=flat, open_rates=flat * n_slots, prior=np.ones((n_starts, n_components)),
                            overall_rate=overall, population=population)
-    def one_start(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    def one_start(start: int) -> tuple:
         return _fit_one(a, s, o, evidence[rows], n_components, start / n_starts, iterations, min_evidence,
                         rate_pseudo_sends, overall, harmonics, background_share if s is not None else 0.0)
 
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max(1, threads)) as pool:
         fits = list(pool.map(one_start, range(n_starts)))
     backgrounds = None if fits[0][3] is None else np.stack([f[3] for f in fits])
+    edges = rates = None
+    if level_groups > 1 and s is not None:
+        # the pooled rate of each group of fit users by send volume, what a user's level is
+        # shrunk toward: opens over the sends weighed by the fitted rhythm, averaged over starts
+        volume = s.sum(axis=1)
+        edges = np.unique(np.quantile(volume, np.linspace(0, 1, level_groups + 1)[1:-1]))
+        group = np.searchsorted(edges, volume, side="right")
+        exposure = np.mean([f[4] for f in fits], axis=0)
+        rates = ((np.bincount(group, o.sum(axis=1), len(edges) + 1) + _GROUP_PSEUDO_SENDS * overall)
+                 / (np.bincount(group, exposure, len(edges) + 1) + _GROUP_PSEUDO_SENDS))
     return RhythmBasis(shapes=np.stack([f[0] for f in fits]), open_rates=np.stack([f[1] for f in fits]),
                        prior=np.stack([f[2] for f in fits]), overall_rate=overall, population=population,
-                       background=backgrounds)
+                       background=backgrounds, level_edges=edges, level_rates=rates)
 
 
 def rhythm_weights(basis: RhythmBasis, activity: np.ndarray, sends: np.ndarray | None = None,
@@ -422,7 +461,8 @@ def rhythm_families(basis: RhythmBasis, activity: np.ndarray, sends: np.ndarray 
                     opened: np.ndarray | None = None, slot_prior_strength: float = 4.0,
                     user_prior_strength: float = 8.0, iterations: int = 20, block: int = 5_000,
                     keep: tuple[str, ...] | None = None, shifts: tuple[float, ...] = (0.0,),
-                    shift_iterations: int = 6, threads: int = 1) -> dict[str, np.ndarray]:
+                    shift_iterations: int = 6, threads: int = 1,
+                    level_strength: float | None = None) -> dict[str, np.ndarray]:
     """The :data:`RHYTHM_FAMILIES` of each user (float32, (n_users, n_slots)), or those in
     ``keep``, a block of users at a time on ``threads`` threads (float64 temporaries the size
     of a block, not of the population). Each user's numbers do not depend on the block or the
@@ -433,7 +473,9 @@ def rhythm_families(basis: RhythmBasis, activity: np.ndarray, sends: np.ndarray 
     Engagement profile and open rhythm are averaged over the starts and over each user's
     posterior of a personal shift of the basis by one of ``shifts`` slots ((0.0,): none).
     ``rhythm_rate``: the user's open level (opened over the sends' expected share under the
-    rhythm, shrunk toward the population's rate by ``user_prior_strength`` pseudo-sends) x
+    rhythm, shrunk toward the population's rate by ``user_prior_strength`` pseudo-sends, or,
+    where the basis has send-volume groups, toward the user's group's rate by
+    ``level_strength`` pseudo-sends when given) x
     the rhythm (``rhythm_expected``), pooled with the user's own sends and opens in the slot
     (``slot_prior_strength`` pseudo-sends), as the per-slot empirical-Bayes rates are.
     Without sends both are the rhythm alone."""
@@ -446,6 +488,8 @@ def rhythm_families(basis: RhythmBasis, activity: np.ndarray, sends: np.ndarray 
     out = {name: np.empty((n, n_slots), dtype=np.float32) for name in RHYTHM_FAMILIES
            if keep is None or name in keep}
     use_sends = sends is not None and opened is not None and basis.overall_rate > 0
+    grouped = basis.level_rates is not None and level_strength is not None
+    strength = level_strength if grouped else user_prior_strength
 
     def one_block(start: int) -> None:
         part = slice(start, min(start + block, n))
@@ -455,8 +499,8 @@ def rhythm_families(basis: RhythmBasis, activity: np.ndarray, sends: np.ndarray 
         share, rhythm = _rhythm_over_shifts(basis, a, s, o, iterations, tuple(shifts), shift_iterations)
         if use_sends:
             exposure = (s * rhythm).sum(axis=1, keepdims=True)
-            level = (o.sum(axis=1, keepdims=True) + user_prior_strength * basis.overall_rate) / (
-                exposure + user_prior_strength)
+            toward = basis.level_prior(s) if grouped else basis.overall_rate
+            level = (o.sum(axis=1, keepdims=True) + strength * toward) / (exposure + strength)
             expected = np.clip(level * rhythm, 1e-4, 0.999)
             rate = (o + slot_prior_strength * expected) / (s + slot_prior_strength)
         else:
