@@ -56,12 +56,14 @@ def main() -> None:
             basis = fit_rhythm_basis(activity, sends, opened, n_components=f.rhythm_components, n_starts=f.rhythm_starts,
                                      iterations=f.rhythm_fit_iterations, min_evidence=f.rhythm_min_evidence,
                                      max_fit_users=f.rhythm_max_fit_users, harmonics=f.rhythm_harmonics,
-                                     threads=threads, background_share=share)
+                                     threads=threads, background_share=share,
+                                     level_groups=f.rhythm_level_groups)
             fitted = time.perf_counter()
             rhythm_families(basis, activity, sends, opened, slot_prior_strength=f.slot_prior_strength,
                             user_prior_strength=f.user_prior_strength, iterations=f.rhythm_iterations,
                             keep=tuple(f.rhythm_families), shifts=tuple(f.rhythm_shifts),
-                            shift_iterations=f.rhythm_shift_iterations, threads=threads)
+                            shift_iterations=f.rhythm_shift_iterations, threads=threads,
+                            level_strength=f.rhythm_level_strength)
             fit_times.setdefault(share, []).append(fitted - started)
             family_times.setdefault(share, []).append(time.perf_counter() - fitted)
     base, shared = 0.0, f.rhythm_background_share

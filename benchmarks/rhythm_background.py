@@ -43,11 +43,12 @@ def _families(state, cfg, share: float) -> dict[str, np.ndarray]:
     basis = fit_rhythm_basis(activity, sends, opened, n_components=f.rhythm_components, n_starts=f.rhythm_starts,
                              iterations=f.rhythm_fit_iterations, min_evidence=f.rhythm_min_evidence,
                              max_fit_users=f.rhythm_max_fit_users, user_ids=state.user_ids, harmonics=harmonics,
-                             threads=2, background_share=share)
+                             threads=2, background_share=share, level_groups=f.rhythm_level_groups)
     return rhythm_families(basis, activity, sends, opened, slot_prior_strength=f.slot_prior_strength,
                            user_prior_strength=f.user_prior_strength, iterations=f.rhythm_iterations,
                            keep=("rhythm_open", "rhythm_expected"), shifts=tuple(f.rhythm_shifts),
-                           shift_iterations=f.rhythm_shift_iterations, threads=2)
+                           shift_iterations=f.rhythm_shift_iterations, threads=2,
+                           level_strength=f.rhythm_level_strength)
 
 
 def main() -> None:
