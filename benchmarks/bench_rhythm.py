@@ -17,7 +17,7 @@ import numpy as np
 
 from configs import load_config
 from features.events import process_cores
-from features.rhythm_basis import fit_rhythm_basis, rhythm_families
+from features.matrix import configured_rhythm_families, fit_rhythm
 
 
 def _evidence(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -43,7 +43,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--config", default=None)
     args = parser.parse_args()
-    f = load_config(args.config).features
+    cfg = load_config(args.config)
+    f = cfg.features
     if f.rhythm_background_share <= 0:
         raise SystemExit("features.rhythm_background_share is 0 in this configuration: nothing to compare")
     activity, sends, opened = _evidence(args.users)
@@ -52,18 +53,11 @@ def main() -> None:
     family_times: dict[float, list[float]] = {}
     for _ in range(args.repeats):
         for share in (0.0, f.rhythm_background_share):
+            shared_cfg = cfg.model_copy(update={"features": f.model_copy(update={"rhythm_background_share": share})})
             started = time.perf_counter()
-            basis = fit_rhythm_basis(activity, sends, opened, n_components=f.rhythm_components, n_starts=f.rhythm_starts,
-                                     iterations=f.rhythm_fit_iterations, min_evidence=f.rhythm_min_evidence,
-                                     max_fit_users=f.rhythm_max_fit_users, harmonics=f.rhythm_harmonics,
-                                     threads=threads, background_share=share,
-                                     level_groups=f.rhythm_level_groups)
+            basis = fit_rhythm(activity, sends, opened, None, shared_cfg)
             fitted = time.perf_counter()
-            rhythm_families(basis, activity, sends, opened, slot_prior_strength=f.slot_prior_strength,
-                            user_prior_strength=f.user_prior_strength, iterations=f.rhythm_iterations,
-                            keep=tuple(f.rhythm_families), shifts=tuple(f.rhythm_shifts),
-                            shift_iterations=f.rhythm_shift_iterations, threads=threads,
-                            level_strength=f.rhythm_level_strength)
+            configured_rhythm_families(basis, activity, sends, opened, shared_cfg, tuple(f.rhythm_families))
             fit_times.setdefault(share, []).append(fitted - started)
             family_times.setdefault(share, []).append(time.perf_counter() - fitted)
     base, shared = 0.0, f.rhythm_background_share

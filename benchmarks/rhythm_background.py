@@ -29,26 +29,22 @@ import pandas as pd
 from configs import load_config
 from features.attribution import attributed_sends_sql
 from features.events import open_log
-from features.matrix import rhythm_inputs
-from features.rhythm_basis import fit_rhythm_basis, rhythm_families
+from features.matrix import configured_rhythm_families, fit_rhythm, rhythm_inputs
 from features.state import build_state
 from simulator.judge import expected_log_loss, slot_capture
 
 
 def _families(state, cfg, share: float) -> dict[str, np.ndarray]:
-    """rhythm_open and rhythm_expected of every user of ``state``, with this background share."""
-    f = cfg.features
+    """rhythm_open and rhythm_expected of every user of ``state``, as configured but with this
+    background share."""
+    cfg = _with_share(cfg, share)
     activity, sends, opened = rhythm_inputs(state)
-    harmonics = f.rhythm_harmonics * activity.shape[1] // 24
-    basis = fit_rhythm_basis(activity, sends, opened, n_components=f.rhythm_components, n_starts=f.rhythm_starts,
-                             iterations=f.rhythm_fit_iterations, min_evidence=f.rhythm_min_evidence,
-                             max_fit_users=f.rhythm_max_fit_users, user_ids=state.user_ids, harmonics=harmonics,
-                             threads=2, background_share=share, level_groups=f.rhythm_level_groups)
-    return rhythm_families(basis, activity, sends, opened, slot_prior_strength=f.slot_prior_strength,
-                           user_prior_strength=f.user_prior_strength, iterations=f.rhythm_iterations,
-                           keep=("rhythm_open", "rhythm_expected"), shifts=tuple(f.rhythm_shifts),
-                           shift_iterations=f.rhythm_shift_iterations, threads=2,
-                           level_strength=f.rhythm_level_strength)
+    basis = fit_rhythm(activity, sends, opened, state.user_ids, cfg)
+    return configured_rhythm_families(basis, activity, sends, opened, cfg, ("rhythm_open", "rhythm_expected"))
+
+
+def _with_share(cfg, share: float):
+    return cfg.model_copy(update={"features": cfg.features.model_copy(update={"rhythm_background_share": share})})
 
 
 def main() -> None:

@@ -444,6 +444,18 @@ def fit_rhythm(activity: np.ndarray, sends: np.ndarray, opened: np.ndarray, user
                             level_groups=f.rhythm_level_groups).to_dict()
 
 
+def configured_rhythm_families(rhythm: dict, activity: np.ndarray, sends: np.ndarray, opened: np.ndarray,
+                               cfg: Config, keep: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The rhythm families in ``keep`` of these users under a stored basis (the priors'
+    ``rhythm``), with the configuration's posterior and pooling settings."""
+    f = cfg.features
+    return rhythm_families(RhythmBasis.from_dict(rhythm), activity, sends, opened,
+                           slot_prior_strength=f.slot_prior_strength, user_prior_strength=f.user_prior_strength,
+                           iterations=f.rhythm_iterations, keep=keep, shifts=tuple(f.rhythm_shifts),
+                           shift_iterations=f.rhythm_shift_iterations, threads=f.rhythm_threads or process_cores(),
+                           level_strength=f.rhythm_level_strength)
+
+
 def with_rhythm(priors: PopulationPriors, state: FeatureState, cfg: Config) -> PopulationPriors:
     """The priors with the rhythm basis fitted on the same population (``state``: everyone's)."""
     return replace(priors, rhythm=fit_rhythm(*rhythm_inputs(state), state.user_ids, cfg, priors.population))
@@ -514,14 +526,7 @@ def build_matrix(
         families.update({name: pooled[base] for name, base in wanted.items()})
         del decayed, pooled
     if priors.rhythm and rhythm_wanted:
-        f = cfg.features
-        families.update(rhythm_families(RhythmBasis.from_dict(priors.rhythm), *rhythm_inputs(state),
-                                        slot_prior_strength=f.slot_prior_strength,
-                                        user_prior_strength=f.user_prior_strength, iterations=f.rhythm_iterations,
-                                        keep=tuple(rhythm_wanted), shifts=tuple(f.rhythm_shifts),
-                                        shift_iterations=f.rhythm_shift_iterations,
-                                        threads=f.rhythm_threads or process_cores(),
-                                        level_strength=f.rhythm_level_strength))
+        families.update(configured_rhythm_families(priors.rhythm, *rhythm_inputs(state), cfg, tuple(rhythm_wanted)))
     stage("per-slot pooling")
     scalars = everyone if everyone is not None else scalar_frame(state, cfg)
     fit = BtydFit.from_dict(priors.btyd) if priors.btyd else None

@@ -106,7 +106,12 @@ class RhythmBasis:
         """The rate each user's open level is shrunk toward, from their sends by slot."""
         if self.level_rates is None:
             return self.overall_rate
-        return self.level_rates[np.searchsorted(self.level_edges, sends.sum(axis=1), side="right")][:, None]
+        return self.level_rates[_send_group(self.level_edges, sends.sum(axis=1))][:, None]
+
+
+def _send_group(edges: np.ndarray, volume: np.ndarray) -> np.ndarray:
+    """Each user's send-volume group (0 .. len(edges)) from their total sends."""
+    return np.searchsorted(edges, volume, side="right")
 
 
 def _optional(data: dict, key: str) -> np.ndarray | None:
@@ -124,11 +129,12 @@ def _initial_shapes(n_components: int, n_slots: int, offset: float) -> np.ndarra
     return bumps / bumps.sum(axis=1, keepdims=True)
 
 
-def _own(activity: np.ndarray, mix: np.ndarray, background: np.ndarray) -> np.ndarray:
+def _own_over_mix(activity: np.ndarray, mix: np.ndarray, background: np.ndarray) -> np.ndarray:
     """The part of each user's engagement by slot their own rhythm ``mix`` (rows sum to 1)
-    accounts for beside the ``background`` (sums to its share): the E step of the two."""
-    own = (1.0 - background.sum()) * mix
-    return activity * own / (own + background + _TINY)
+    accounts for beside the ``background`` (sums to its share), over the mix: the E step of
+    the two, (1 - share) a / ((1 - share) mix + background), in one pass."""
+    own = 1.0 - background.sum()
+    return activity * (own / (own * mix + background + _TINY))
 
 
 def _weight_step(weights: np.ndarray, activity: np.ndarray, opened: np.ndarray | None, shapes: np.ndarray,
@@ -150,9 +156,7 @@ def _weight_step(weights: np.ndarray, activity: np.ndarray, opened: np.ndarray |
         ratio = activity / mix
         total = totals[:, :1]
     else:
-        # the own part over the mix, (1 - share) a / ((1 - share) mix + background), in one pass
-        own = 1.0 - background.sum()
-        ratio = activity * (own / (own * mix + background + _TINY))
+        ratio = _own_over_mix(activity, mix, background)
         total = (ratio * mix).sum(axis=1, keepdims=True) + prior.sum()
     gain = weights * (ratio @ shapes.T)
     if opened is not None:
@@ -218,11 +222,11 @@ def _fit_one(a: np.ndarray, s: np.ndarray | None, o: np.ndarray | None, evidence
     weights = np.full((len(a), n_components), 1.0 / n_components)
     for _ in range(iterations):
         mix = weights @ shapes + _TINY
-        own = a if background is None else _own(a, mix, background)
-        new_shapes = shapes * (weights.T @ (own / mix)) + 1e-6
+        ratio = a / mix if background is None else _own_over_mix(a, mix, background)
+        new_shapes = shapes * (weights.T @ ratio) + 1e-6
         if background is not None:
             # its shape: the engagement the users' own mixes leave over; its share stays
-            left = (a - own).sum(axis=0) + _TINY
+            left = (a - ratio * mix).sum(axis=0) + _TINY
             background = background_share * left / left.sum()
         if o is not None:
             # Poisson in the opens of each (user, slot), exposure = sends x the user's level
@@ -333,7 +337,7 @@ def fit_rhythm_basis(activity: np.ndarray, sends: np.ndarray | None = None, open
         # shrunk toward: opens over the sends weighed by the fitted rhythm, averaged over starts
         volume = s.sum(axis=1)
         edges = np.unique(np.quantile(volume, np.linspace(0, 1, level_groups + 1)[1:-1]))
-        group = np.searchsorted(edges, volume, side="right")
+        group = _send_group(edges, volume)
         exposure = np.mean([f[4] for f in fits], axis=0)
         rates = ((np.bincount(group, o.sum(axis=1), len(edges) + 1) + _GROUP_PSEUDO_SENDS * overall)
                  / (np.bincount(group, exposure, len(edges) + 1) + _GROUP_PSEUDO_SENDS))
