@@ -258,6 +258,11 @@ def hand_written(part1: Path, users: Path, env: dict) -> tuple[dict, dict, dict]
     return aggregate, floor, arrays
 
 
+def _piece_line(name: str, wall: float, cpu: float, extra: str = "") -> str:
+    """One row of the floor's table: wall and CPU seconds and their ratio."""
+    return f"  {name:<44} {wall:>8.1f} {cpu:>8.1f} {cpu / wall:>9.2f}{extra}"
+
+
 def print_score_floor(result: dict) -> float:
     """The floor's lines; returns its wall seconds."""
     times, sizes = result["times"], result["champions"]
@@ -272,24 +277,22 @@ def print_score_floor(result: dict) -> float:
     for name in FLOOR_PARTS:
         if name in times:
             wall, cpu = wall + times[name][0], cpu + times[name][1]
-            print(f"  {name:<44} {times[name][0]:>8.1f} {times[name][1]:>8.1f} {times[name][1] / times[name][0]:>9.2f}")
-    print(f"  {'= floor':<44} {wall:>8.1f} {cpu:>8.1f} {cpu / wall:>9.2f}   (at least {cpu / 2:.1f} s on 2 idle cores)")
+            print(_piece_line(name, *times[name]))
+    print(_piece_line("= floor", wall, cpu, f"   (at least {cpu / 2:.1f} s on 2 idle cores)"))
     state_wall, state_cpu = (sum(times[name][i] for name in STATE_PARTS if name in times) for i in (0, 1))
     if state_wall:
         print("  what every user's day changes beside the predictions (each user's age-weighted evidence shrinks "
               "daily):")
         for name in STATE_PARTS:
             if name in times:
-                print(f"  {name:<44} {times[name][0]:>8.1f} {times[name][1]:>8.1f} "
-                      f"{times[name][1] / times[name][0]:>9.2f}")
-        print(f"  {'= floor with them':<44} {wall + state_wall:>8.1f} {cpu + state_cpu:>8.1f} "
-              f"{(cpu + state_cpu) / (wall + state_wall):>9.2f}   (at least {(cpu + state_cpu) / 2:.1f} s on 2 idle "
-              "cores)")
+                print(_piece_line(name, *times[name]))
+        print(_piece_line("= floor with them", wall + state_wall, cpu + state_cpu,
+                          f"   (at least {(cpu + state_cpu) / 2:.1f} s on 2 idle cores)"))
     print("  beside it, not in the floor:")
     for name, (w, c) in times.items():
         if name not in FLOOR_PARTS + STATE_PARTS:
             extra = f" ({result['explained']:,} users at the reasons' tier)" if name.startswith("churn reasons") else ""
-            print(f"  {name:<44} {w:>8.1f} {c:>8.1f} {c / w:>9.2f}{extra}")
+            print(_piece_line(name, w, c, extra))
     print("  (a CPU/wall near 1 for 2 threads: another process held a core)")
     print(f"one more day's floor: predict + write tags {wall:.1f} s ({cpu:.1f} s of CPU); the target (20 s) leaves "
           f"{20 - wall:.1f} s for the rest of the refresh ({20 - cpu / 2:.1f} s on 2 idle cores)")

@@ -129,10 +129,13 @@ def _initial_shapes(n_components: int, n_slots: int, offset: float) -> np.ndarra
     return bumps / bumps.sum(axis=1, keepdims=True)
 
 
-def _own_over_mix(activity: np.ndarray, mix: np.ndarray, background: np.ndarray) -> np.ndarray:
+def _own_over_mix(activity: np.ndarray, mix: np.ndarray, background: np.ndarray | None) -> np.ndarray:
     """The part of each user's engagement by slot their own rhythm ``mix`` (rows sum to 1)
     accounts for beside the ``background`` (sums to its share), over the mix: the E step of
-    the two, (1 - share) a / ((1 - share) mix + background), in one pass."""
+    the two, (1 - share) a / ((1 - share) mix + background), in one pass (no background: all
+    of it, a / mix)."""
+    if background is None:
+        return activity / mix
     own = 1.0 - background.sum()
     return activity * (own / (own * mix + background + _TINY))
 
@@ -152,11 +155,10 @@ def _weight_step(weights: np.ndarray, activity: np.ndarray, opened: np.ndarray |
     weight 1 - the background's share), and the mix is moved on the part of it the mix
     accounts for (an EM step of the two inside the MM step: neither lowers the posterior)."""
     mix = weights @ shapes + _TINY
+    ratio = _own_over_mix(activity, mix, background)
     if background is None:
-        ratio = activity / mix
         total = totals[:, :1]
     else:
-        ratio = _own_over_mix(activity, mix, background)
         total = (ratio * mix).sum(axis=1, keepdims=True) + prior.sum()
     gain = weights * (ratio @ shapes.T)
     if opened is not None:
@@ -222,7 +224,7 @@ def _fit_one(a: np.ndarray, s: np.ndarray | None, o: np.ndarray | None, evidence
     weights = np.full((len(a), n_components), 1.0 / n_components)
     for _ in range(iterations):
         mix = weights @ shapes + _TINY
-        ratio = a / mix if background is None else _own_over_mix(a, mix, background)
+        ratio = _own_over_mix(a, mix, background)
         new_shapes = shapes * (weights.T @ ratio) + 1e-6
         if background is not None:
             # its shape: the engagement the users' own mixes leave over; its share stays
